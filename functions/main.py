@@ -1,0 +1,1 @@
+"""Function entry points for functions-framework (one Knative Service per target)."""

@@ -1,0 +1,215 @@
+"""A real Apache Kafka (KRaft) broker or cluster on 127.0.0.1, from Maven Central jars.
+
+The jars are assembled once by Maven from infra/local/pom.xml into a git-ignored cache folder and
+run with the machine's Java 17+. Two layouts: one combined broker+controller node (the default),
+or three combined nodes with replication factor 3 and min.insync.replicas 2 for fault tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from microfl.local.procs import HOST, free_port, repo_root, spawn, stop_process, wait_until
+
+__all__ = ["KafkaCluster", "ensure_kafka_libs"]
+
+KAFKA_MAIN = "kafka.Kafka"
+STORAGE_TOOL = "kafka.tools.StorageTool"
+
+
+def _listening(port: int) -> bool:
+    with socket.create_connection((HOST, port), timeout=1):
+        return True
+
+
+def _kafka_version(pom: Path) -> str:
+    text = pom.read_text()
+    start = text.index("<kafka.version>") + len("<kafka.version>")
+    return text[start : text.index("</kafka.version>", start)]
+
+
+def ensure_kafka_libs(quiet: bool = False) -> Path:
+    """The folder of broker jars, assembled with Maven on first use (offline after that)."""
+    root = repo_root()
+    pom = root / "infra" / "local" / "pom.xml"
+    libs = root / ".cache" / f"kafka-{_kafka_version(pom)}" / "libs"
+    done = libs / ".complete"
+    if done.is_file():
+        return libs
+    mvn = shutil.which("mvn")
+    java = shutil.which("java")
+    if mvn is None or java is None:
+        raise RuntimeError("the local Kafka needs Java 17+ and Maven on PATH (java, mvn)")
+    if not quiet:
+        print(f"assembling Kafka {_kafka_version(pom)} from Maven Central into {libs} "
+              "(first run only)", file=sys.stderr, flush=True)
+    if libs.exists():
+        shutil.rmtree(libs)
+    subprocess.run(
+        [mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(pom), "dependency:copy-dependencies",
+         f"-DoutputDirectory={libs}"],
+        check=True,
+    )
+    done.touch()
+    return libs
+
+
+@dataclass
+class KafkaNode:
+    node_id: int
+    port: int
+    controller_port: int
+    directory: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "broker.log"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class KafkaCluster:
+    """Start with start(), stop with stop(); kill(i)/restart(i) for fault tests."""
+
+    workdir: Path
+    nodes: int = 1
+    heap: str = "512m"
+    members: list[KafkaNode] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.nodes not in (1, 3):
+            raise ValueError("the local Kafka runs 1 node (default) or 3 nodes (RF 3, min ISR 2)")
+        self.workdir = Path(self.workdir)
+        self.members = [
+            KafkaNode(i, free_port(), free_port(), self.workdir / f"node-{i}")
+            for i in range(1, self.nodes + 1)
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(f"{HOST}:{n.port}" for n in self.members)
+
+    @property
+    def replication(self) -> tuple[int, int]:
+        """(replication factor, min.insync.replicas) of this layout."""
+        return (3, 2) if self.nodes == 3 else (1, 1)
+
+    def _properties(self, node: KafkaNode) -> str:
+        rf, isr = self.replication
+        voters = ",".join(f"{n.node_id}@{HOST}:{n.controller_port}" for n in self.members)
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": node.node_id,
+            "controller.quorum.voters": voters,
+            "listeners": f"PLAINTEXT://{HOST}:{node.port},CONTROLLER://{HOST}:{node.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{HOST}:{node.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": node.directory / "data",
+            "num.partitions": 1,
+            "default.replication.factor": rf,
+            "min.insync.replicas": isr,
+            "offsets.topic.replication.factor": rf,
+            "offsets.topic.num.partitions": 10,
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
+            "unclean.leader.election.enable": "false",
+            "group.initial.rebalance.delay.ms": 0,
+            # Fence a dead broker within seconds rather than the default 9 s.
+            "broker.session.timeout.ms": 3000,
+            "broker.heartbeat.interval.ms": 500,
+        }
+        return "".join(f"{k}={v}\n" for k, v in settings.items())
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        libs = ensure_kafka_libs()
+        log4j = repo_root() / "infra" / "local" / "log4j2.yaml"
+        return [
+            "java", f"-Xmx{self.heap}", "-Xms128m", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{libs}/*", main, *args,
+        ]
+
+    def start(self, timeout: float = 90.0) -> KafkaCluster:
+        """A fresh cluster: earlier data in workdir is wiped (restart() keeps a node's data)."""
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        formats = []
+        for node in self.members:
+            shutil.rmtree(node.directory, ignore_errors=True)
+            node.directory.mkdir(parents=True)
+            conf = node.directory / "server.properties"
+            conf.write_text(self._properties(node))
+            formats.append(spawn(self._java(STORAGE_TOOL, "format", "-t", cluster_id,
+                                            "-c", str(conf)), node.log_path))
+        for node, proc in zip(self.members, formats, strict=True):
+            if proc.wait(timeout=timeout) != 0:
+                raise RuntimeError(f"formatting Kafka node {node.node_id} failed; "
+                                   f"see {node.log_path}")
+        for node in self.members:
+            self.restart(node.node_id, wait=False)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 90.0, brokers: int | None = None) -> None:
+        """Wait until `brokers` (default: every live node) are registered with the controller."""
+        from confluent_kafka.admin import AdminClient
+
+        want = brokers if brokers is not None else sum(n.alive for n in self.members)
+        live = [n for n in self.members if n.alive]
+        what = f"Kafka ({want} of {self.nodes} brokers)"
+        for node in live:  # listening first, so the admin client does not log refusals
+            wait_until(lambda n=node: _listening(n.port), timeout, what, node.proc, node.log_path)
+        admin = AdminClient({"bootstrap.servers": ",".join(f"{HOST}:{n.port}" for n in live),
+                             "log_level": 0})
+        wait_until(lambda: len(admin.list_topics(timeout=2).brokers) >= want,
+                   timeout, what, live[0].proc, live[0].log_path)
+
+    def node(self, node_id: int) -> KafkaNode:
+        return self.members[node_id - 1]
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL one node: no shutdown hook, no flush."""
+        node = self.node(node_id)
+        if node.proc is not None and node.alive:
+            node.proc.send_signal(signal.SIGKILL)
+            node.proc.wait()
+
+    def restart(self, node_id: int, wait: bool = True, timeout: float = 90.0) -> None:
+        node = self.node(node_id)
+        if node.alive:
+            raise RuntimeError(f"Kafka node {node_id} is already running")
+        node.proc = spawn(self._java(KAFKA_MAIN, str(node.directory / "server.properties")),
+                          node.log_path)
+        if wait:
+            self.wait_ready(timeout)
+
+    def pids(self) -> list[int]:
+        return [n.proc.pid for n in self.members if n.proc is not None and n.alive]
+
+    def stop(self) -> None:
+        """Controlled shutdown of every node at once (SIGTERM), SIGKILL after a grace period."""
+        procs = [n.proc for n in self.members if n.proc is not None and n.alive]
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            stop_process(proc)
+
+    def __enter__(self) -> KafkaCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

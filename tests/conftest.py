@@ -1,0 +1,38 @@
+"""Session fixtures that start the real local components on free 127.0.0.1 ports and stop them.
+
+Set MICROFL_KAFKA_BOOTSTRAP to run the Kafka tests against an existing cluster instead."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+
+from microfl.local.gcs import FakeGcsServer
+from microfl.local.kafka import KafkaCluster
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace | KafkaCluster]:
+    """One combined broker+controller (or MICROFL_KAFKA_BOOTSTRAP's cluster)."""
+    existing = os.environ.get("MICROFL_KAFKA_BOOTSTRAP")
+    if existing:
+        yield SimpleNamespace(bootstrap=existing)
+        return
+    with KafkaCluster(tmp_path_factory.mktemp("kafka")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGcsServer]:
+    """fake-gcs-server; STORAGE_EMULATOR_HOST points google-cloud-storage at it."""
+    with FakeGcsServer(tmp_path_factory.mktemp("gcs")) as server:
+        old = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = server.url
+        yield server
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
