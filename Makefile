@@ -30,6 +30,7 @@ test: setup
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check functions tests load
+	$(BIN)/ruff format --check functions load
 	$(BIN)/mypy
 
 check: lint test

@@ -18,20 +18,37 @@ from microfl.local.kafka import KafkaCluster
 def create_topic(bootstrap: str, partitions: int, rf: int, min_isr: int) -> str:
     name = f"t-{uuid.uuid4().hex[:10]}"
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    topic = NewTopic(name, num_partitions=partitions, replication_factor=rf,
-                     config={"min.insync.replicas": str(min_isr)})
+    topic = NewTopic(
+        name,
+        num_partitions=partitions,
+        replication_factor=rf,
+        config={"min.insync.replicas": str(min_isr)},
+    )
     admin.create_topics([topic])[name].result(timeout=30)
     return name
 
 
 def idempotent_producer(bootstrap: str) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                     "linger.ms": 5, "message.timeout.ms": 120000})
+    return Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "message.timeout.ms": 120000,
+        }
+    )
 
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[bytes]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     values: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -54,8 +71,12 @@ def test_idempotent_produce_and_consume_on_single_broker(kafka: KafkaCluster) ->
     producer = idempotent_producer(kafka.bootstrap)
     acked: list[bytes] = []
     for i in range(2000):
-        producer.produce(topic, key=str(i % 7).encode(), value=f"r{i}".encode(),
-                         on_delivery=lambda err, msg: err is None and acked.append(msg.value()))
+        producer.produce(
+            topic,
+            key=str(i % 7).encode(),
+            value=f"r{i}".encode(),
+            on_delivery=lambda err, msg: err is None and acked.append(msg.value()),
+        )
         producer.poll(0)
     assert producer.flush(30) == 0
     assert len(acked) == 2000
@@ -96,8 +117,9 @@ def test_broker_sigkill_loses_no_acknowledged_record(kafka3: KafkaCluster) -> No
 
     def produce(start: int, count: int) -> None:
         for i in range(start, start + count):
-            producer.produce(topic, key=str(i % 3).encode(), value=f"r{i}".encode(),
-                             on_delivery=on_delivery)
+            producer.produce(
+                topic, key=str(i % 3).encode(), value=f"r{i}".encode(), on_delivery=on_delivery
+            )
             producer.poll(0)
             time.sleep(0.002)
 
@@ -123,5 +145,7 @@ def test_broker_sigkill_loses_no_acknowledged_record(kafka3: KafkaCluster) -> No
 
     # The killed node rejoins and catches up.
     kafka3.restart(victim)
-    assert len(AdminClient({"bootstrap.servers": kafka3.bootstrap})
-               .list_topics(timeout=10).brokers) == 3
+    assert (
+        len(AdminClient({"bootstrap.servers": kafka3.bootstrap}).list_topics(timeout=10).brokers)
+        == 3
+    )

@@ -8,6 +8,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from microfl.errors import MicroFLError
+
 __all__ = ["main"]
 
 
@@ -21,31 +23,41 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from microfl.local.platform import LocalPlatform
+    import signal
 
-    platform = LocalPlatform(kafka_nodes=args.kafka_nodes, gcs=args.gcs)
+    from microfl.local.platform import LocalPlatform, detach
+
     t0 = time.monotonic()
-    try:
-        state = platform.start()
-    except BaseException:
-        platform.stop()
-        raise
-    print(f"Micro-FL local platform up in {time.monotonic() - t0:.1f}s")
-    for p in state["processes"]:
-        print(f"  {p['role']:<16} pid {p['pid']:<8} 127.0.0.1:{p['port']:<6} log {p['log']}")
-    print(f"  Kafka bootstrap  {state['kafka_bootstrap']}\n  object store     {state['store']}")
     if args.detach:
-        print("running in the background; stop it with `microfl down`")
+        argv = ["--kafka-nodes", str(args.kafka_nodes)] + (["--gcs"] if args.gcs else [])
+        print("starting the local platform in the background ...", flush=True)
+        _print_state(detach(argv), time.monotonic() - t0)
+        print("stop it with `microfl down`; `microfl status` lists its processes")
         return 0
-    print("press Ctrl-C to stop")
+    platform = LocalPlatform(local_secret(), kafka_nodes=args.kafka_nodes, gcs=args.gcs)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
+        _print_state(platform.start(), time.monotonic() - t0)
+        print("press Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("\nstopping ...")
+        print("\nstopping ...", flush=True)
     finally:
         platform.stop()
     return 0
+
+
+def _print_state(state: dict, seconds: float) -> None:
+    print(f"Micro-FL local platform up in {seconds:.1f}s")
+    for p in state["processes"]:
+        port = f"127.0.0.1:{p['port']}" if p["port"] else "-"
+        print(f"  {p['role']:<16} pid {p['pid']:<8} {port:<16} log {p['log']}")
+    print(
+        f"  ingest URL       {state['ingest_url']}\n"
+        f"  Kafka bootstrap  {state['kafka_bootstrap']}\n  object store     {state['store']}",
+        flush=True,
+    )
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -71,7 +83,79 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         for p in state["processes"]:
             mark = "up" if p["alive"] else "DEAD"
-            print(f"{p['role']:<16} {mark:<4} pid {p['pid']:<8} 127.0.0.1:{p['port']}")
+            port = f"127.0.0.1:{p['port']}" if p["port"] else "-"
+            print(f"{p['role']:<16} {mark:<4} pid {p['pid']:<8} {port}")
+        print(f"ingest URL: {state['ingest_url']}")
+    return 0
+
+
+def _store():  # type: ignore[no-untyped-def]
+    import os
+
+    from microfl.local.platform import read_state, state_dir
+    from microfl.store import open_store
+
+    url = os.environ.get("MICROFL_STORE") or (read_state() or {}).get("store")
+    return open_store(url or f"file://{state_dir() / 'store'}")
+
+
+def local_secret() -> str:
+    """MICROFL_SECRET, or the local platform's own (made once, kept in its state folder)."""
+    import os
+    import secrets
+
+    from microfl.local.platform import state_dir
+
+    if os.environ.get("MICROFL_SECRET"):
+        return os.environ["MICROFL_SECRET"]
+    path = state_dir() / "secret"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def cmd_job_create(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from microfl.jobs import JobSpec, create_job
+    from microfl.serde import tensors_from_safetensors
+    from microfl.tokens import valid_id
+
+    if not valid_id(args.job):
+        raise ValueError(f"job id {args.job!r}: use 1-64 letters, digits, '.', '_', '-'")
+    model = Path(args.model).read_bytes()
+    tensors, _ = tensors_from_safetensors(model)
+    spec = JobSpec.for_model(
+        args.job,
+        tensors,
+        rounds=args.rounds,
+        min_clients=args.min_clients,
+        round_timeout=args.round_timeout,
+        strategy=args.strategy,
+        fan_in=args.fan_in,
+        created_at=time.time(),
+    )
+    store = _store()
+    create_job(store, spec, model)
+    params = sum(t.nbytes for t in spec.schema) // 4
+    print(
+        f"created job {args.job} in {store.url}: {len(spec.schema)} tensors (~{params:,} "
+        f"float32 parameters), {spec.rounds} rounds, quorum {spec.min_clients}, "
+        f"deadline {spec.round_timeout:g}s, {spec.strategy}"
+    )
+    return 0
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    from microfl.tokens import issue_token
+
+    if args.admin == (args.client is not None):
+        raise ValueError("give either --client ID or --admin")
+    print(
+        issue_token(local_secret().encode(), args.job, args.client, admin=args.admin, ttl=args.ttl)
+    )
     return 0
 
 
@@ -90,8 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start the local platform")
     p.add_argument("--detach", action="store_true", help="return once up; stop with `down`")
-    p.add_argument("--kafka-nodes", type=int, choices=(1, 3), default=1,
-                   help="1 combined node, or 3 nodes with RF 3 and min ISR 2")
+    p.add_argument(
+        "--kafka-nodes",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="1 combined node, or 3 nodes with RF 3 and min ISR 2",
+    )
     p.add_argument("--gcs", action="store_true", help="also start the GCS emulator")
     p.set_defaults(func=cmd_up)
 
@@ -102,7 +191,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("demo", help="run the demo end to end on the local platform")
+    job = sub.add_parser("job", help="manage FL jobs").add_subparsers(dest="job_cmd", required=True)
+    p = job.add_parser("create", help="create a job from an initial model (safetensors)")
+    p.add_argument("job")
+    p.add_argument("--model", required=True, help="the initial model, a .safetensors file")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--min-clients", type=int, default=2, help="quorum that seals a round")
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=300.0,
+        help="seconds after which a round seals with what it has",
+    )
+    p.add_argument("--strategy", choices=("fedavg", "fedadam"), default="fedavg")
+    p.add_argument("--fan-in", type=int, default=10, help="updates per partial aggregation")
+    p.set_defaults(func=cmd_job_create)
+
+    token = sub.add_parser("token", help="issue access tokens").add_subparsers(
+        dest="token_cmd", required=True
+    )
+    p = token.add_parser("issue", help="print a signed token (MICROFL_SECRET signs it)")
+    p.add_argument("--job", required=True, help="job id ('*' with --admin: every job)")
+    p.add_argument("--client", help="client id the token names")
+    p.add_argument("--admin", action="store_true")
+    p.add_argument("--ttl", type=int, default=86400, help="seconds until it expires")
+    p.set_defaults(func=cmd_token_issue)
+
+    p = sub.add_parser("demo", help="run a real federated training run on the local platform")
+    from microfl.demo import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -111,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+    except (MicroFLError, RuntimeError, TimeoutError, OSError, ValueError) as exc:
         print(f"microfl: {exc}", file=sys.stderr)
         return 1
 

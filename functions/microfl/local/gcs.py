@@ -50,9 +50,23 @@ class FakeGcsServer:
     def start(self, timeout: float = 30.0) -> FakeGcsServer:
         self.port = self.port or free_port()
         self.proc = spawn(
-            [str(fake_gcs_binary()), "-scheme", "http", "-host", HOST, "-port", str(self.port),
-             "-backend", "memory", "-public-host", f"{HOST}:{self.port}",
-             "-external-url", self.url, "-log-level", "warn"],
+            [
+                str(fake_gcs_binary()),
+                "-scheme",
+                "http",
+                "-host",
+                HOST,
+                "-port",
+                str(self.port),
+                "-backend",
+                "memory",
+                "-public-host",
+                f"{HOST}:{self.port}",
+                "-external-url",
+                self.url,
+                "-log-level",
+                "warn",
+            ],
             self.log_path,
         )
         wait_until(self._answers, timeout, "fake-gcs-server", self.proc, self.log_path)

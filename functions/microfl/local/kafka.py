@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from microfl.local.procs import HOST, free_port, repo_root, spawn, stop_process, wait_until
@@ -49,13 +50,25 @@ def ensure_kafka_libs(quiet: bool = False) -> Path:
     if mvn is None or java is None:
         raise RuntimeError("the local Kafka needs Java 17+ and Maven on PATH (java, mvn)")
     if not quiet:
-        print(f"assembling Kafka {_kafka_version(pom)} from Maven Central into {libs} "
-              "(first run only)", file=sys.stderr, flush=True)
+        print(
+            f"assembling Kafka {_kafka_version(pom)} from Maven Central into {libs} "
+            "(first run only)",
+            file=sys.stderr,
+            flush=True,
+        )
     if libs.exists():
         shutil.rmtree(libs)
     subprocess.run(
-        [mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(pom), "dependency:copy-dependencies",
-         f"-DoutputDirectory={libs}"],
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-Dstyle.color=never",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+        ],
         check=True,
     )
     done.touch()
@@ -140,12 +153,30 @@ class KafkaCluster:
         libs = ensure_kafka_libs()
         log4j = repo_root() / "infra" / "local" / "log4j2.yaml"
         return [
-            "java", f"-Xmx{self.heap}", "-Xms128m", "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{libs}/*", main, *args,
+            "java",
+            f"-Xmx{self.heap}",
+            "-Xms128m",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j}",
+            "-cp",
+            f"{libs}/*",
+            main,
+            *args,
         ]
 
     def start(self, timeout: float = 90.0) -> KafkaCluster:
-        """A fresh cluster: earlier data in workdir is wiped (restart() keeps a node's data)."""
+        """A fresh cluster: earlier data in workdir is wiped (restart() keeps a node's data).
+        A port taken between choosing it and binding it costs one retry on new ports."""
+        try:
+            return self._start(timeout)
+        except RuntimeError as exc:
+            print(f"Kafka did not start ({exc}); retrying once on other ports", file=sys.stderr)
+            self.stop()
+            for node in self.members:
+                node.port, node.controller_port, node.proc = free_port(), free_port(), None
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> KafkaCluster:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         formats = []
         for node in self.members:
@@ -153,12 +184,17 @@ class KafkaCluster:
             node.directory.mkdir(parents=True)
             conf = node.directory / "server.properties"
             conf.write_text(self._properties(node))
-            formats.append(spawn(self._java(STORAGE_TOOL, "format", "-t", cluster_id,
-                                            "-c", str(conf)), node.log_path))
+            formats.append(
+                spawn(
+                    self._java(STORAGE_TOOL, "format", "-t", cluster_id, "-c", str(conf)),
+                    node.log_path,
+                )
+            )
         for node, proc in zip(self.members, formats, strict=True):
             if proc.wait(timeout=timeout) != 0:
-                raise RuntimeError(f"formatting Kafka node {node.node_id} failed; "
-                                   f"see {node.log_path}")
+                raise RuntimeError(
+                    f"formatting Kafka node {node.node_id} failed; see {node.log_path}"
+                )
         for node in self.members:
             self.restart(node.node_id, wait=False)
         self.wait_ready(timeout)
@@ -172,11 +208,17 @@ class KafkaCluster:
         live = [n for n in self.members if n.alive]
         what = f"Kafka ({want} of {self.nodes} brokers)"
         for node in live:  # listening first, so the admin client does not log refusals
-            wait_until(lambda n=node: _listening(n.port), timeout, what, node.proc, node.log_path)
-        admin = AdminClient({"bootstrap.servers": ",".join(f"{HOST}:{n.port}" for n in live),
-                             "log_level": 0})
-        wait_until(lambda: len(admin.list_topics(timeout=2).brokers) >= want,
-                   timeout, what, live[0].proc, live[0].log_path)
+            wait_until(partial(_listening, node.port), timeout, what, node.proc, node.log_path)
+        admin = AdminClient(
+            {"bootstrap.servers": ",".join(f"{HOST}:{n.port}" for n in live), "log_level": 0}
+        )
+        wait_until(
+            lambda: len(admin.list_topics(timeout=2).brokers) >= want,
+            timeout,
+            what,
+            live[0].proc,
+            live[0].log_path,
+        )
 
     def node(self, node_id: int) -> KafkaNode:
         return self.members[node_id - 1]
@@ -192,8 +234,9 @@ class KafkaCluster:
         node = self.node(node_id)
         if node.alive:
             raise RuntimeError(f"Kafka node {node_id} is already running")
-        node.proc = spawn(self._java(KAFKA_MAIN, str(node.directory / "server.properties")),
-                          node.log_path)
+        node.proc = spawn(
+            self._java(KAFKA_MAIN, str(node.directory / "server.properties")), node.log_path
+        )
         if wait:
             self.wait_ready(timeout)
 

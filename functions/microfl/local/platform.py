@@ -1,14 +1,19 @@
-"""The local platform as one unit: start its real parts, record them in a state file, stop them.
+"""The local platform as one unit: Kafka, the object store, the three functions and their event
+delivery, recorded in a state file.
 
-`microfl up` runs it in the foreground (Ctrl-C stops it) or detached (`microfl down` stops it from
-the pids in the state file)."""
+`microfl up` runs it in the foreground (Ctrl-C or SIGTERM stops it); `--detach` runs that same
+foreground process in the background and returns once it is ready; `microfl down` stops it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +22,14 @@ import psutil
 
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.kafka import KafkaCluster
-from microfl.local.procs import repo_root
+from microfl.local.procs import repo_root, spawn
+from microfl.local.runtime import LocalRuntime
 
-__all__ = ["LocalPlatform", "state_dir", "read_state", "stop_recorded"]
+__all__ = ["LocalPlatform", "detach", "read_state", "state_dir", "stop_recorded"]
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("MICROFL_STATE_DIR") or repo_root() / ".microfl")
+    return Path(os.environ.get("MICROFL_STATE_DIR") or repo_root() / ".microfl").resolve()
 
 
 def read_state() -> dict[str, Any] | None:
@@ -31,71 +37,141 @@ def read_state() -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _running(state: dict[str, Any] | None) -> bool:
+    return state is not None and any(psutil.pid_exists(p["pid"]) for p in state["processes"])
+
+
 @dataclass
 class LocalPlatform:
+    secret: str
     kafka_nodes: int = 1
     gcs: bool = False
+    ping_interval: float = 5.0
     kafka: KafkaCluster | None = None
     emulator: FakeGcsServer | None = None
+    runtime: LocalRuntime | None = None
     processes: list[dict[str, Any]] = field(default_factory=list)
 
     def start(self) -> dict[str, Any]:
         root = state_dir()
-        if (existing := read_state()) and any(psutil.pid_exists(p["pid"])
-                                               for p in existing["processes"]):
-            raise RuntimeError(f"the local platform is already running (see {root}/state.json); "
-                               "stop it with `microfl down`")
+        if _running(read_state()):
+            raise RuntimeError(
+                f"the local platform is already running (see {root}/state.json);"
+                " stop it with `microfl down`"
+            )
         logs = root / "logs"
         bootstrap = os.environ.get("MICROFL_KAFKA_BOOTSTRAP")
+        self.processes = [
+            {"role": "supervisor", "pid": os.getpid(), "port": None, "log": str(logs / "up.log")}
+        ]
         if not bootstrap:
             self.kafka = KafkaCluster(root / "kafka", nodes=self.kafka_nodes).start()
             bootstrap = self.kafka.bootstrap
             for node in self.kafka.members:
                 assert node.proc is not None
-                self.processes.append({"role": f"kafka-{node.node_id}", "pid": node.proc.pid,
-                                       "port": node.port, "log": str(node.log_path)})
+                self.processes.append(
+                    {
+                        "role": f"kafka-{node.node_id}",
+                        "pid": node.proc.pid,
+                        "port": node.port,
+                        "log": str(node.log_path),
+                    }
+                )
         store = os.environ.get("MICROFL_STORE") or f"file://{root / 'store'}"
-        emulator_host = None
         if self.gcs:
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+
             self.emulator = FakeGcsServer(logs).start()
             assert self.emulator.proc is not None
-            emulator_host = self.emulator.url
-            self.processes.append({"role": "fake-gcs-server", "pid": self.emulator.proc.pid,
-                                   "port": self.emulator.port,
-                                   "log": str(self.emulator.log_path)})
-        state = {"started": time.time(), "kafka_bootstrap": bootstrap, "store": store,
-                 "storage_emulator_host": emulator_host, "processes": self.processes}
+            os.environ["STORAGE_EMULATOR_HOST"] = self.emulator.url
+            bucket = f"microfl-{uuid.uuid4().hex[:8]}"
+            storage.Client(
+                project="microfl-local", credentials=AnonymousCredentials()
+            ).create_bucket(bucket)
+            store = f"gs://{bucket}"
+            self.processes.append(
+                {
+                    "role": "fake-gcs-server",
+                    "pid": self.emulator.proc.pid,
+                    "port": self.emulator.port,
+                    "log": str(self.emulator.log_path),
+                }
+            )
+        self.runtime = LocalRuntime(
+            store,
+            bootstrap,
+            self.secret,
+            root,
+            ping_interval=self.ping_interval,
+            replication=3 if self.kafka_nodes == 3 else 1,
+        ).start()
+        for fn in self.runtime.functions.values():
+            assert fn.proc is not None
+            self.processes.append(
+                {"role": fn.target, "pid": fn.proc.pid, "port": fn.port, "log": str(fn.log_path)}
+            )
+        state = {
+            "started": time.time(),
+            "kafka_bootstrap": bootstrap,
+            "store": store,
+            "storage_emulator_host": os.environ.get("STORAGE_EMULATOR_HOST"),
+            "ingest_url": self.runtime.ingest_url,
+            "logs": str(logs),
+            "processes": self.processes,
+        }
         root.mkdir(parents=True, exist_ok=True)
         (root / "state.json").write_text(json.dumps(state, indent=2))
         return state
 
     def stop(self) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()
         if self.emulator is not None:
             self.emulator.stop()
         if self.kafka is not None:
             self.kafka.stop()
-        (state_dir() / "state.json").unlink(missing_ok=True)
+        path = state_dir() / "state.json"
+        state = read_state()
+        if state and state["processes"][0]["pid"] == os.getpid():
+            path.unlink(missing_ok=True)
 
 
-def stop_recorded(grace: float = 15.0) -> list[str]:
-    """Stop every process named in the state file (SIGTERM, then SIGKILL); the roles stopped."""
+def detach(argv: list[str], timeout: float = 180.0) -> dict[str, Any]:
+    """Run `microfl up ARGV` in the background; the state once it is ready."""
+    if _running(read_state()):
+        raise RuntimeError("the local platform is already running; stop it with `microfl down`")
+    log = state_dir() / "logs" / "up.log"
+    (state_dir() / "state.json").unlink(missing_ok=True)
+    proc = spawn([sys.executable, "-m", "microfl.cli", "up", *argv], log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = read_state()
+        if state and state["processes"][0]["pid"] == proc.pid:
+            return state
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the local platform failed to start; end of {log}:\n{tail}")
+        time.sleep(0.3)
+    subprocess.run(["kill", "-TERM", f"-{proc.pid}"], check=False)
+    raise TimeoutError(f"the local platform was not up after {timeout:.0f}s; see {log}")
+
+
+def stop_recorded(grace: float = 30.0) -> list[str]:
+    """Stop the platform named in the state file: SIGTERM its supervisor (which stops the rest
+    in order), then SIGKILL whatever recorded process is left."""
     state = read_state()
     if state is None:
         return []
-    procs = []
-    for entry in state["processes"]:
-        try:
-            os.killpg(entry["pid"], signal.SIGTERM)
-            procs.append(entry)
-        except ProcessLookupError:
-            pass
+    procs = [p for p in state["processes"] if psutil.pid_exists(p["pid"])]
+    if procs and procs[0]["role"] == "supervisor":
+        os.kill(procs[0]["pid"], signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(psutil.pid_exists(p["pid"]) for p in procs):
         time.sleep(0.2)
     for entry in procs:
-        try:
-            os.killpg(entry["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(entry["pid"], signal.SIGKILL)
     (state_dir() / "state.json").unlink(missing_ok=True)
     return [p["role"] for p in procs]

@@ -1,4 +1,4 @@
-"""Small helpers for the local platform's child processes: free ports, log files, waiting, killing."""
+"""Helpers for the local platform's child processes: free ports, log files, waiting, killing."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def repo_root() -> Path:
     )
 
 
-def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(
+    argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start a child in its own process group, stdout and stderr appended to log_path."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -61,7 +63,9 @@ def wait_until(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with code {proc.returncode}; see {log_path}")
+            raise RuntimeError(
+                f"{what}: process exited with code {proc.returncode}; see {log_path}"
+            )
         try:
             if check():
                 return

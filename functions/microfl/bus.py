@@ -1,0 +1,101 @@
+"""The event bus the functions publish to: one interface, Kafka as the implementation."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from microfl.errors import BusUnavailable
+from microfl.events import TOPICS, topic_of
+from microfl.serde import Event, event_to_kafka
+
+__all__ = ["EventBus", "KafkaBus", "MemoryBus", "ensure_topics"]
+
+
+class EventBus(ABC):
+    @abstractmethod
+    def publish(self, events: Sequence[Event], key: str) -> None:
+        """Durably publish events (all acknowledged on return) or raise BusUnavailable."""
+
+
+class KafkaBus(EventBus):
+    """Idempotent producer with acks=all; the producer is built on first use."""
+
+    def __init__(self, bootstrap: str, timeout: float = 15.0) -> None:
+        self.bootstrap = bootstrap
+        self.timeout = timeout
+        self._producer: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        from confluent_kafka import Producer
+
+        with self._lock:
+            if self._producer is None:
+                self._producer = Producer(
+                    {
+                        "bootstrap.servers": self.bootstrap,
+                        "enable.idempotence": True,
+                        "acks": "all",
+                        "linger.ms": 2,
+                        "message.timeout.ms": int(self.timeout * 1000),
+                    }
+                )
+            return self._producer
+
+    def publish(self, events: Sequence[Event], key: str) -> None:
+        producer = self._get()
+        errors: list[str] = []
+        for event in events:
+            record = event_to_kafka(event, key)
+            try:
+                producer.produce(
+                    topic_of(event),
+                    value=record.value,
+                    key=record.key,
+                    headers=list(record.headers),
+                    on_delivery=lambda err, _msg: errors.extend([str(err)] if err else []),
+                )
+            except BufferError as exc:
+                raise BusUnavailable(f"Kafka producer queue is full: {exc}") from exc
+            producer.poll(0)
+        left = producer.flush(self.timeout)
+        if left or errors:
+            raise BusUnavailable(
+                f"Kafka at {self.bootstrap} did not acknowledge "
+                f"{left + len(errors)} event(s): {'; '.join(errors[:3])}"
+            )
+
+
+class MemoryBus(EventBus):
+    """Collects events in a list: for unit tests that drive the functions by hand."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Event, str]] = []
+
+    def publish(self, events: Sequence[Event], key: str) -> None:
+        self.events.extend((topic_of(e), e, key) for e in events)
+
+
+def ensure_topics(bootstrap: str, partitions: int = 3, replication: int = 1) -> None:
+    """Create the platform's topics (and dead-letter topics) if they are missing."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    names = sorted(set(TOPICS.values()))
+    names += [f"{n}.dlq" for n in names]
+    existing = set(admin.list_topics(timeout=15).topics)
+    new = [
+        NewTopic(n, num_partitions=partitions, replication_factor=replication)
+        for n in names
+        if n not in existing
+    ]
+    if new:
+        for name, future in admin.create_topics(new).items():
+            try:
+                future.result(30)
+            except Exception as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise BusUnavailable(f"cannot create topic {name}: {exc}") from exc

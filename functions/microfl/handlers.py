@@ -1,0 +1,142 @@
+"""HTTP edges of the three functions: decode the request, call the service, encode the answer.
+
+Each error is answered through errors.http_error's table; transient faults become 503 so the
+event delivery retries them, poison events 400 so it dead-letters them."""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import flask
+
+from microfl import aggregate as aggregate_service
+from microfl import finalize as finalize_service
+from microfl import ingest as ingest_service
+from microfl.backends import Backends, backends_from_env
+from microfl.errors import BadRequest, MicroFLError, http_error
+from microfl.serde import event_from_http
+from microfl.tokens import bearer, valid_id
+
+__all__ = ["aggregate", "finalize", "ingest", "set_backends"]
+
+_backends: Backends | None = None
+_lock = threading.Lock()
+
+
+def set_backends(b: Backends | None) -> None:
+    """Inject backends (tests); by default they are built from the environment on first use."""
+    global _backends
+    _backends = b
+
+
+def _get_backends() -> Backends:
+    global _backends
+    with _lock:
+        if _backends is None:
+            _backends = backends_from_env()
+        return _backends
+
+
+Response = tuple[Any, int, dict[str, str]]
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return flask.jsonify(body), status, {}
+
+
+def _error(exc: BaseException) -> Response:
+    status, body = http_error(exc)
+    if status >= 500:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        if not isinstance(exc, MicroFLError):
+            traceback.print_exc()
+    return _json(status, body)
+
+
+ROUTES: list[tuple[str, str, str]] = [
+    ("GET", r"/healthz", "healthz"),
+    ("GET", r"/v1/jobs/(?P<job>[^/]+)", "job"),
+    ("GET", r"/v1/jobs/(?P<job>[^/]+)/model", "model"),
+    ("POST", r"/v1/jobs/(?P<job>[^/]+)/rounds/(?P<round>[0-9]{1,9})/updates", "update"),
+    ("GET", r"/v1/jobs/(?P<job>[^/]+)/rounds/(?P<round>[0-9]{1,9})", "round"),
+]
+
+
+def ingest(request: flask.Request) -> Response:
+    for method, pattern, name in ROUTES:
+        match = re.fullmatch(pattern, request.path)
+        if match:
+            if request.method != method:
+                return _json(
+                    405,
+                    {
+                        "error": "method_not_allowed",
+                        "message": f"{request.path} answers {method} only",
+                    },
+                )
+            try:
+                return _ingest_route(name, request, match.groupdict())
+            except Exception as exc:
+                return _error(exc)
+    return _json(
+        404,
+        {
+            "error": "not_found",
+            "message": f"no endpoint {request.path}; see the OpenAPI file for the API",
+        },
+    )
+
+
+def _ingest_route(name: str, request: flask.Request, params: dict[str, str]) -> Response:
+    if name == "healthz":
+        return _json(200, {"status": "ok"})
+    job = params["job"]
+    if not valid_id(job):
+        raise BadRequest(f"job id {job!r} is not valid: 1-64 letters, digits, '.', '_', '-'")
+    b = _get_backends()
+    token = bearer(request.headers.get("Authorization"))
+    if name == "job":
+        return _json(200, ingest_service.get_job(b, job, token))
+    if name == "model":
+        version = request.args.get("version")
+        if version is not None and not re.fullmatch(r"[0-9]{1,9}", version):
+            raise BadRequest(f"version must be a non-negative integer, not {version!r}")
+        data, v = ingest_service.get_model(b, job, token, None if version is None else int(version))
+        return (
+            data,
+            200,
+            {"Content-Type": "application/octet-stream", "MicroFL-Model-Version": str(v)},
+        )
+    r = int(params["round"])
+    if name == "round":
+        return _json(200, ingest_service.get_round(b, job, r, token))
+    status, body = ingest_service.post_update(
+        b, job, r, token, request.stream.read, request.content_length
+    )
+    return _json(status, body)
+
+
+def _event_function(handle: Callable[[Backends, Any], None]) -> Callable[[flask.Request], Response]:
+    def endpoint(request: flask.Request) -> Response:
+        if request.method != "POST":
+            return _json(
+                405,
+                {"error": "method_not_allowed", "message": "CloudEvent functions answer POST only"},
+            )
+        try:
+            event = event_from_http(dict(request.headers), request.get_data())
+            handle(_get_backends(), event)
+        except Exception as exc:
+            return _error(exc)
+        return _json(200, {"status": "done", "id": event.id})
+
+    return endpoint
+
+
+aggregate = _event_function(aggregate_service.handle)
+finalize = _event_function(finalize_service.handle)

@@ -1,0 +1,145 @@
+"""The ingest service: what the HTTP function does for each endpoint, free of HTTP itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from microfl import events
+from microfl.backends import Backends
+from microfl.errors import (
+    ConflictingUpdate,
+    Forbidden,
+    RoundNotFound,
+    RoundNotOpen,
+    UpdateTooLarge,
+)
+from microfl.faults import failpoint
+from microfl.jobs import (
+    JobSpec,
+    Seal,
+    latest_version,
+    load_job,
+    model_key,
+    open_round,
+    record_key,
+    require_open,
+    seal_key,
+    update_key,
+    updates_prefix,
+    validate_update,
+)
+from microfl.serde import json_from_bytes, tensors_from_safetensors
+from microfl.tokens import Claims, verify_token
+
+__all__ = ["get_job", "get_model", "get_round", "post_update"]
+
+
+def _authorize(b: Backends, job: str, token: str | None) -> tuple[Claims, JobSpec]:
+    claims = verify_token(b.secret, token, job, now=b.clock())
+    return claims, load_job(b.store, job)
+
+
+def get_job(b: Backends, job: str, token: str | None) -> dict[str, Any]:
+    _, spec = _authorize(b, job, token)
+    version = latest_version(b.store, job)
+    current = open_round(spec, version)
+    return {
+        "job": job,
+        "state": "running" if current else "done",
+        "open_round": current,
+        "model_version": version,
+        "rounds": spec.rounds,
+        "min_clients": spec.min_clients,
+        "round_deadline": spec.round_timeout,
+        "strategy": spec.strategy,
+    }
+
+
+def get_model(
+    b: Backends, job: str, token: str | None, version: int | None = None
+) -> tuple[bytes, int]:
+    _, spec = _authorize(b, job, token)
+    latest = latest_version(b.store, job)
+    v = latest if version is None else version
+    data = b.store.read(model_key(job, v)) if 0 <= v <= latest else None
+    if data is None:
+        raise RoundNotFound(f"job {job!r} has no model version {v}; the latest is {latest}")
+    return data, v
+
+
+def get_round(b: Backends, job: str, r: int, token: str | None) -> dict[str, Any]:
+    _, spec = _authorize(b, job, token)
+    record = b.store.read(record_key(job, r))
+    if record is not None:
+        doc: dict[str, Any] = json_from_bytes(record)
+        return doc
+    sealed = b.store.read(seal_key(job, r))
+    if sealed is not None:
+        seal = Seal.from_bytes(sealed)
+        return {
+            "round": r,
+            "state": "sealed",
+            "included": list(seal.clients),
+            "excluded": [],
+            "reason": seal.reason,
+        }
+    if r != open_round(spec, latest_version(b.store, job)):
+        raise RoundNotFound(f"round {r} of job {job!r} has not opened")
+    received = len(b.store.list(updates_prefix(job, r)))
+    return {"round": r, "state": "open", "included": [], "excluded": [], "received": received}
+
+
+def post_update(
+    b: Backends,
+    job: str,
+    r: int,
+    token: str | None,
+    read_body: Callable[[int], bytes],
+    content_length: int | None,
+) -> tuple[int, dict]:
+    """Validate, store create-only, announce. 202 new, 200 replay of the same bytes."""
+    claims, spec = _authorize(b, job, token)
+    client = claims.client
+    if client is None:
+        raise Forbidden("updates are posted with a client token, not an admin token")
+    limit = spec.update_limit
+    if content_length is not None and content_length > limit:
+        raise UpdateTooLarge(f"update is {content_length} bytes; job {job!r} takes at most {limit}")
+    body = read_body(limit + 1)
+    if len(body) > limit:
+        raise UpdateTooLarge(f"update is larger than job {job!r}'s limit of {limit} bytes")
+    tensors, metadata = tensors_from_safetensors(body)
+    validate_update(spec, tensors, metadata)
+
+    key = update_key(job, r, client)
+    stored = b.store.read(key)
+    if stored is None:
+        require_open(spec, b.store, r)
+        if not b.store.create(key, body):
+            stored = b.store.read(key)
+        failpoint("ingest.after_update")
+    if stored is not None:
+        if stored != body:
+            raise ConflictingUpdate(
+                f"client {client!r} already sent a different update for "
+                f"round {r}; an update cannot be changed"
+            )
+        status = 200
+    else:
+        status = 202
+        if b.store.exists(seal_key(job, r)):
+            # Sealed between our check and our write: the update missed the round.
+            seal = Seal.from_bytes(b.store.read(seal_key(job, r)) or b"")
+            if client not in seal.clients:
+                b.store.delete(key)
+                raise RoundNotOpen(
+                    f"round {r} was sealed while the update arrived; send it to round {r + 1}"
+                )
+    # Announce on replays too: the first announcement may have been lost with its instance.
+    b.bus.publish([events.update_accepted(job, r, client)], key=job)
+    return status, {
+        "round": r,
+        "client": client,
+        "status": "accepted" if status == 202 else "replay",
+    }

@@ -1,0 +1,292 @@
+"""A job's configuration, its storage layout, and the round state derived from storage alone.
+
+Layout under `jobs/{job}/` (every object written once, create-only):
+
+    job.json                                  JobSpec
+    models/{v:08d}.safetensors                global model version v (0 = initial)
+    optimizer/{v:08d}.safetensors             server optimiser state after version v (FedAdam)
+    rounds/{r:08d}/updates/{client}           a client's update for round r
+    rounds/{r:08d}/seal.json                  the sealed manifest: which updates, in which chunks
+    rounds/{r:08d}/partials/{c:06d}.safetensors   weighted sum of chunk c (float64)
+    rounds/{r:08d}/record.json                the round record, written after model r
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from microfl.errors import (
+    ConfigError,
+    InvalidUpdate,
+    JobNotFound,
+    RoundNotOpen,
+    SchemaMismatch,
+)
+from microfl.serde import (
+    DTYPES,
+    dtype_code,
+    json_from_bytes,
+    json_to_bytes,
+    tensors_from_safetensors,
+)
+from microfl.store import ObjectStore
+
+__all__ = [
+    "JobSpec",
+    "Seal",
+    "TensorSpec",
+    "create_job",
+    "job_key",
+    "latest_version",
+    "load_job",
+    "model_key",
+    "open_round",
+    "optimizer_key",
+    "partial_key",
+    "partials_prefix",
+    "record_key",
+    "require_open",
+    "round_opened_at",
+    "seal_key",
+    "update_key",
+    "updates_prefix",
+    "validate_update",
+]
+
+STRATEGIES = ("fedavg", "fedadam")
+MAX_EXAMPLES = 10**12
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors code, e.g. "F32"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job: str
+    schema: tuple[TensorSpec, ...]
+    rounds: int = 10
+    min_clients: int = 2
+    round_timeout: float = 300.0
+    strategy: str = "fedavg"
+    strategy_options: dict[str, float] = field(default_factory=dict)
+    fan_in: int = 10
+    max_update_bytes: int = 0  # 0: the model's size plus 1 MiB of header room
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rounds < 1:
+            problems.append("rounds must be >= 1")
+        if self.min_clients < 1:
+            problems.append("min_clients must be >= 1")
+        if self.round_timeout <= 0:
+            problems.append("round_timeout must be > 0 seconds")
+        if self.fan_in < 1:
+            problems.append("fan_in must be >= 1")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if not self.schema:
+            problems.append("the model has no tensors")
+        if problems:
+            raise ConfigError(f"job {self.job!r}: " + "; ".join(problems))
+
+    @property
+    def update_limit(self) -> int:
+        return self.max_update_bytes or sum(t.nbytes for t in self.schema) + (1 << 20)
+
+    def to_bytes(self) -> bytes:
+        doc = asdict(self)
+        doc["schema"] = [
+            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.schema
+        ]
+        return json_to_bytes(doc)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> JobSpec:
+        doc = json_from_bytes(data)
+        doc["schema"] = tuple(
+            TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in doc["schema"]
+        )
+        return cls(**doc)
+
+    @classmethod
+    def for_model(cls, job: str, tensors: dict[str, np.ndarray], **options: Any) -> JobSpec:
+        schema = tuple(
+            TensorSpec(name, dtype_code(tensors[name].dtype), tuple(tensors[name].shape))
+            for name in sorted(tensors)
+        )
+        return cls(job=job, schema=schema, **options)
+
+
+@dataclass(frozen=True)
+class Seal:
+    """The sealed manifest of round r: the included updates, in the fixed order that, cut into
+    chunks of fan_in, every aggregation follows."""
+
+    round: int
+    clients: tuple[str, ...]
+    fan_in: int
+    reason: str  # "quorum" or "deadline"
+    sealed_at: float
+    trigger: str = ""  # what sealed it: the client whose update event did, or "sweep"
+
+    @property
+    def chunks(self) -> int:
+        return math.ceil(len(self.clients) / self.fan_in)
+
+    def chunk(self, c: int) -> tuple[str, ...]:
+        return self.clients[c * self.fan_in : (c + 1) * self.fan_in]
+
+    def to_bytes(self) -> bytes:
+        return json_to_bytes({**asdict(self), "clients": list(self.clients)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Seal:
+        doc = json_from_bytes(data)
+        return cls(
+            doc["round"],
+            tuple(doc["clients"]),
+            doc["fan_in"],
+            doc["reason"],
+            doc["sealed_at"],
+            doc.get("trigger", ""),
+        )
+
+
+def job_key(job: str) -> str:
+    return f"jobs/{job}/job.json"
+
+
+def model_key(job: str, version: int) -> str:
+    return f"jobs/{job}/models/{version:08d}.safetensors"
+
+
+def optimizer_key(job: str, version: int) -> str:
+    return f"jobs/{job}/optimizer/{version:08d}.safetensors"
+
+
+def _round(job: str, r: int) -> str:
+    return f"jobs/{job}/rounds/{r:08d}"
+
+
+def updates_prefix(job: str, r: int) -> str:
+    return f"{_round(job, r)}/updates/"
+
+
+def update_key(job: str, r: int, client: str) -> str:
+    return updates_prefix(job, r) + client
+
+
+def seal_key(job: str, r: int) -> str:
+    return f"{_round(job, r)}/seal.json"
+
+
+def partials_prefix(job: str, r: int) -> str:
+    return f"{_round(job, r)}/partials/"
+
+
+def partial_key(job: str, r: int, chunk: int) -> str:
+    return f"{partials_prefix(job, r)}{chunk:06d}.safetensors"
+
+
+def record_key(job: str, r: int) -> str:
+    return f"{_round(job, r)}/record.json"
+
+
+def create_job(store: ObjectStore, spec: JobSpec, model: bytes) -> None:
+    """Write model version 0, then the job (so a job that exists always has a model)."""
+    tensors, _ = tensors_from_safetensors(model)
+    schema = JobSpec.for_model(spec.job, tensors).schema
+    if schema != spec.schema:
+        raise ConfigError(f"job {spec.job!r}: the model file does not match the job's schema")
+    if store.exists(job_key(spec.job)):
+        raise ConfigError(f"job {spec.job!r} exists already; pick another id")
+    store.create(model_key(spec.job, 0), model)
+    if not store.create(job_key(spec.job), spec.to_bytes()):
+        raise ConfigError(f"job {spec.job!r} exists already; pick another id")
+
+
+def load_job(store: ObjectStore, job: str) -> JobSpec:
+    data = store.read(job_key(job))
+    if data is None:
+        raise JobNotFound(f"no job {job!r}; create it with `microfl job create {job} ...`")
+    return JobSpec.from_bytes(data)
+
+
+def latest_version(store: ObjectStore, job: str) -> int:
+    """The newest committed model version (0 is written at job creation)."""
+    prefix = f"jobs/{job}/models/"
+    versions = [int(k[len(prefix) :].split(".")[0]) for k in store.list(prefix)]
+    if not versions:
+        raise JobNotFound(f"job {job!r} has no initial model")
+    return max(versions)
+
+
+def open_round(spec: JobSpec, version: int) -> int | None:
+    """The round that trains on `version`, or None once the job has all its rounds."""
+    return version + 1 if version < spec.rounds else None
+
+
+def require_open(spec: JobSpec, store: ObjectStore, r: int) -> None:
+    current = open_round(spec, latest_version(store, spec.job))
+    if current is None:
+        raise RoundNotOpen(f"job {spec.job!r} has finished all {spec.rounds} rounds")
+    if r != current:
+        raise RoundNotOpen(
+            f"round {r} is not open; the open round is {current} "
+            f"(GET /v1/jobs/{spec.job} tells which)"
+        )
+    if store.exists(seal_key(spec.job, r)):
+        raise RoundNotOpen(f"round {r} is sealed and takes no more updates; wait for round {r + 1}")
+
+
+def round_opened_at(store: ObjectStore, spec: JobSpec, r: int) -> float | None:
+    """When round r opened: job creation, or the commit of round r-1 (None while that round's
+    record is not written yet, so no deadline can fire early)."""
+    if r <= 1:
+        return spec.created_at
+    data = store.read(record_key(spec.job, r - 1))
+    return float(json_from_bytes(data)["committed_at"]) if data else None
+
+
+def validate_update(spec: JobSpec, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
+    """The update's num_examples, once its tensors match the job's model exactly."""
+    raw = metadata.get("num_examples")
+    if raw is None or not raw.isdigit() or not 0 < int(raw) <= MAX_EXAMPLES:
+        raise InvalidUpdate(
+            f"__metadata__.num_examples must be a positive integer as a string "
+            f"(at most {MAX_EXAMPLES}), got {raw!r}"
+        )
+    expected = {t.name: t for t in spec.schema}
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise SchemaMismatch(
+            f"update tensors differ from the model's: missing {missing}, unknown {unknown}"
+        )
+    for name, t in expected.items():
+        arr = tensors[name]
+        if arr.shape != t.shape:
+            raise SchemaMismatch(
+                f"update tensor {name!r} has shape {arr.shape}; the job's model expects {t.shape}"
+            )
+        if arr.dtype != DTYPES[t.dtype]:
+            raise SchemaMismatch(
+                f"update tensor {name!r} has dtype {dtype_code(arr.dtype)}; the job's model "
+                f"expects {t.dtype}"
+            )
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise SchemaMismatch(f"update tensor {name!r} contains NaN or Inf; send finite values")
+    return int(raw)

@@ -1,0 +1,254 @@
+"""All wire encodings in one place: safetensors, CloudEvents (Kafka and HTTP bindings), JSON.
+
+safetensors is parsed here rather than by the safetensors package so that every way a hostile
+header can be wrong gets a precise message, and so arrays are zero-copy views of the request body.
+Nothing here ever unpickles."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from microfl.errors import InvalidUpdate, PoisonEvent
+
+__all__ = [
+    "DTYPES",
+    "Event",
+    "KafkaRecord",
+    "dtype_code",
+    "event_from_http",
+    "event_from_kafka",
+    "event_to_http",
+    "event_to_kafka",
+    "json_from_bytes",
+    "json_to_bytes",
+    "tensors_from_safetensors",
+    "tensors_to_safetensors",
+]
+
+# safetensors dtype code <-> numpy dtype (little-endian). BF16 has no numpy dtype: refused.
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_CODES = {dt: code for code, dt in DTYPES.items()}
+MAX_HEADER = 16 * 1024 * 1024
+
+
+def dtype_code(dtype: np.dtype) -> str:
+    """The safetensors code of a numpy dtype of either byte order."""
+    code = _CODES.get(np.dtype(dtype).newbyteorder("<"))
+    if code is None:
+        raise ValueError(f"dtype {dtype} has no safetensors code here; use one of {sorted(DTYPES)}")
+    return code
+
+
+# --- safetensors -------------------------------------------------------------------------------
+
+
+def tensors_to_safetensors(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Deterministic bytes: tensors sorted by name, compact sorted JSON header padded to 8."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    blobs = []
+    for name in sorted(tensors):
+        arr = np.asarray(tensors[name], order="C")  # keeps 0-d tensors 0-d
+        code = dtype_code(arr.dtype)
+        raw = arr.astype(DTYPES[code], copy=False).tobytes()
+        header[name] = {
+            "dtype": code,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        offset += len(raw)
+        blobs.append(raw)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
+def tensors_from_safetensors(
+    data: bytes | memoryview,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(name -> read-only array view, metadata); InvalidUpdate says what is wrong."""
+    view = memoryview(data)
+    if len(view) < 8:
+        raise InvalidUpdate(
+            f"body is {len(view)} bytes; a safetensors file starts with an 8-byte header length"
+        )
+    (n,) = struct.unpack("<Q", view[:8])
+    if n > min(len(view) - 8, MAX_HEADER):
+        raise InvalidUpdate(
+            f"safetensors header declares {n} bytes but the body has "
+            f"{len(view) - 8} after the length field"
+        )
+    try:
+        header = json.loads(bytes(view[8 : 8 + n]))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge ints, deep nesting
+        raise InvalidUpdate(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidUpdate("safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InvalidUpdate("safetensors __metadata__ must map strings to strings")
+    body = view[8 + n :]
+    tensors: dict[str, np.ndarray] = {}
+    spans = []
+    for name, info in header.items():
+        dtype, shape, (begin, end) = _tensor_info(name, info)
+        size = math.prod(shape) * dtype.itemsize
+        if not (0 <= begin <= end <= len(body)) or end - begin != size:
+            raise InvalidUpdate(
+                f"tensor {name!r}: data_offsets [{begin}, {end}] do not hold "
+                f"{size} bytes of {shape} inside a {len(body)}-byte data section"
+            )
+        spans.append((begin, end, name))
+        tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise InvalidUpdate(
+                f"tensor {name!r} overlaps another or leaves a gap in the data "
+                "section (offsets must tile it exactly)"
+            )
+        position = end
+    if position != len(body):
+        raise InvalidUpdate(f"{len(body) - position} trailing bytes after the last tensor")
+    return tensors, metadata
+
+
+def _tensor_info(name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+    if not isinstance(info, dict):
+        raise InvalidUpdate(f"tensor {name!r}: header entry must be an object")
+    code = info.get("dtype")
+    dtype = DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is None:
+        raise InvalidUpdate(
+            f"tensor {name!r}: dtype {info.get('dtype')!r} is not one of {sorted(DTYPES)}"
+        )
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise InvalidUpdate(f"tensor {name!r}: shape must be a list of non-negative integers")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+    ):
+        raise InvalidUpdate(f"tensor {name!r}: data_offsets must be two integers")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+# --- JSON documents ----------------------------------------------------------------------------
+
+
+def json_to_bytes(doc: Any) -> bytes:
+    """Canonical JSON: the same document always gives the same bytes."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def json_from_bytes(data: bytes) -> Any:
+    return json.loads(data)
+
+
+# --- CloudEvents -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """A CloudEvent with a JSON object as data. Ids are deterministic, so a re-emitted event is
+    recognisably the same event."""
+
+    type: str
+    source: str
+    id: str
+    data: dict[str, Any] = field(default_factory=dict)
+    subject: str | None = None
+    extensions: dict[str, str] = field(default_factory=dict)
+
+    def attributes(self) -> dict[str, str]:
+        attrs = {"specversion": "1.0", "type": self.type, "source": self.source, "id": self.id}
+        if self.subject is not None:
+            attrs["subject"] = self.subject
+        return {**attrs, **self.extensions}
+
+
+@dataclass(frozen=True)
+class KafkaRecord:
+    headers: tuple[tuple[str, bytes], ...]
+    key: bytes | None
+    value: bytes
+
+
+def event_to_kafka(event: Event, key: str | None = None) -> KafkaRecord:
+    """Kafka protocol binding, binary mode: attributes as ce_* headers, data as the value."""
+    headers = [(f"ce_{k}", v.encode()) for k, v in event.attributes().items()]
+    headers.append(("content-type", b"application/json"))
+    return KafkaRecord(
+        tuple(headers), key.encode() if key is not None else None, json_to_bytes(event.data)
+    )
+
+
+def event_from_kafka(record: KafkaRecord) -> Event:
+    try:
+        attrs = {k[3:]: v.decode() for k, v in record.headers if k.startswith("ce_")}
+    except (UnicodeDecodeError, AttributeError) as exc:
+        raise PoisonEvent(f"a ce_ header of the record is not UTF-8 text: {exc}") from None
+    return _event_from_attributes(attrs, record.value)
+
+
+def event_to_http(event: Event) -> tuple[dict[str, str], bytes]:
+    """HTTP protocol binding, binary mode."""
+    headers = {f"ce-{k}": v for k, v in event.attributes().items()}
+    headers["content-type"] = "application/json"
+    return headers, json_to_bytes(event.data)
+
+
+def event_from_http(headers: Mapping[str, str], body: bytes) -> Event:
+    """Binary mode (ce-* headers) or structured mode (application/cloudevents+json)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if lowered.get("content-type", "").startswith("application/cloudevents+json"):
+        try:
+            doc = json.loads(body)
+            data = doc.pop("data", None)
+            if "data_base64" in doc:
+                data = base64.b64decode(doc.pop("data_base64"))
+            raw = json_to_bytes(data) if not isinstance(data, bytes) else data
+        except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+            raise PoisonEvent(f"structured CloudEvent is not valid JSON: {exc}") from None
+        return _event_from_attributes({k: str(v) for k, v in doc.items()}, raw)
+    attrs = {k[3:]: v for k, v in lowered.items() if k.startswith("ce-")}
+    return _event_from_attributes(attrs, body)
+
+
+def _event_from_attributes(attrs: dict[str, str], body: bytes) -> Event:
+    missing = [a for a in ("specversion", "type", "source", "id") if not attrs.get(a)]
+    if missing:
+        raise PoisonEvent(f"not a CloudEvent: missing attribute(s) {', '.join(missing)}")
+    try:
+        data = json.loads(body) if body else {}
+    except (ValueError, RecursionError) as exc:
+        raise PoisonEvent(f"event {attrs['id']}: data is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        data = {"value": data}
+    known = {"specversion", "type", "source", "id", "subject", "time", "datacontenttype"}
+    ext = {k: v for k, v in attrs.items() if k not in known}
+    return Event(attrs["type"], attrs["source"], attrs["id"], data, attrs.get("subject"), ext)

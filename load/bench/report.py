@@ -1,0 +1,57 @@
+"""Where benchmark results go: one JSON file per benchmark and one section per benchmark in
+results/README.md, so each benchmark rewrites its own section and leaves the others alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESULTS", "machine", "write_json", "write_section"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TITLE = (
+    "# Micro-FL benchmarks\n\nWritten by `load/bench/run.py` (`make bench`); one section per "
+    "benchmark; the raw numbers are in `{benchmark}.json` beside this file.\n"
+)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (numpy's version without importing it: the parent
+    process stays small, see worker.py)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 0
+    return {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "memory_total_mib": round(memory / 2**20),
+        "python": platform.python_version(),
+        "numpy": version("numpy"),
+        "platform": platform.platform(),
+    }
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def write_section(path: Path, name: str, markdown: str) -> None:
+    """Put markdown in the file's section `name`: replaced if there, appended if not."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}\n"
+    text = path.read_text() if path.exists() else TITLE
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -1,0 +1,203 @@
+"""One step of a benchmark in a process of its own, so that the peak RSS it reports belongs to
+that step alone. Prints one JSON object on the last line of stdout.
+
+    worker.py generate ROOT JOB --clients N --fan-in K --seed S   job, N updates, the seal
+    worker.py aggregate ROOT JOB                                   every partial of round 1
+    worker.py finalize ROOT JOB                                    commit round 1
+    worker.py verify ROOT JOB                                      model 1 == numpy FedAvg
+
+The parent must stay small: on Linux a child started with vfork/fork keeps the parent's RSS high
+water mark in ru_maxrss across exec, so `vm_hwm_mib` (the child's own address space) is reported
+as a cross-check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from microfl.aggregate import compute_partial
+from microfl.backends import Backends
+from microfl.bus import MemoryBus
+from microfl.finalize import commit
+from microfl.jobs import (
+    JobSpec,
+    Seal,
+    create_job,
+    load_job,
+    model_key,
+    record_key,
+    seal_key,
+    update_key,
+    updates_prefix,
+)
+from microfl.serde import json_from_bytes, tensors_to_safetensors
+from microfl.store import FileStore
+
+ROUND = 1
+MODEL = {"dense.weight": (1000, 1000), "dense.bias": (1000,)}  # 1,001,000 float32 parameters
+NOISE = np.float32(0.01)  # each client's model: the global model plus its own noise
+MAX_RELATIVE_ERROR = 1e-6
+
+
+def _status_mib(field: str) -> float | None:
+    """A VmRSS/VmHWM line of /proc/self/status in MiB (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+
+
+def _measured(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run work after the imports; its wall time, the RSS before it and the peak RSS after."""
+    baseline = _status_mib("VmRSS") or _peak_mib()
+    start = time.perf_counter()
+    info = work()
+    seconds = time.perf_counter() - start
+    peak = _peak_mib()
+    return {
+        **info,
+        "baseline_mib": baseline,
+        "peak_mib": peak,
+        "work_mib": peak - baseline,
+        "vm_hwm_mib": _status_mib("VmHWM"),
+        "seconds": seconds,
+    }
+
+
+def generate(root: str, job: str, clients: int, fan_in: int, seed: int) -> dict[str, Any]:
+    store = FileStore(root)
+    rng = np.random.default_rng(seed)
+    model = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in MODEL.items()}
+    spec = JobSpec.for_model(job, model, rounds=1, min_clients=clients, fan_in=fan_in)
+    create_job(store, spec, tensors_to_safetensors(model))
+    start = time.perf_counter()
+    names = []
+    for i in range(clients):
+        client_rng = np.random.default_rng([seed, i])
+        update = {
+            name: arr + NOISE * client_rng.standard_normal(arr.shape, dtype=np.float32)
+            for name, arr in model.items()
+        }
+        metadata = {"num_examples": str(int(client_rng.integers(1, 1000)))}
+        name = f"client-{i:06d}"
+        store.create(update_key(job, ROUND, name), tensors_to_safetensors(update, metadata))
+        names.append(name)
+    seal = Seal(ROUND, tuple(sorted(names)), fan_in, "quorum", time.time(), "bench")
+    if not store.create(seal_key(job, ROUND), seal.to_bytes()):
+        raise RuntimeError(f"round {ROUND} of job {job!r} was sealed already")
+    return {
+        "seconds": time.perf_counter() - start,
+        "chunks": seal.chunks,
+        "params": sum(arr.size for arr in model.values()),
+        "model_bytes": sum(arr.nbytes for arr in model.values()),
+    }
+
+
+def aggregate(root: str, job: str) -> dict[str, Any]:
+    b = Backends(FileStore(root), MemoryBus())
+
+    def work() -> dict[str, Any]:
+        sealed = b.store.read(seal_key(job, ROUND))
+        assert sealed is not None, "generate writes the seal"
+        chunks = Seal.from_bytes(sealed).chunks
+        for chunk in range(chunks):
+            compute_partial(b, job, ROUND, chunk)
+        return {"chunks": chunks, "events": len(b.bus.events)}  # type: ignore[attr-defined]
+
+    return _measured(work)
+
+
+def finalize(root: str, job: str) -> dict[str, Any]:
+    b = Backends(FileStore(root), MemoryBus())
+
+    def work() -> dict[str, Any]:
+        if not commit(b, load_job(b.store, job), ROUND):
+            raise RuntimeError(f"round {ROUND} of job {job!r} could not be committed")
+        return {}
+
+    return _measured(work)
+
+
+def verify(root: str, job: str) -> dict[str, Any]:
+    """Model 1 against a float64 numpy FedAvg of the stored updates, read with the safetensors
+    package rather than microfl's own parser."""
+    from safetensors.numpy import load
+
+    store = FileStore(root)
+    total: dict[str, np.ndarray] = {}
+    weight = 0
+    keys = store.list(updates_prefix(job, ROUND))
+    for key in keys:
+        data = store.read(key)
+        assert data is not None
+        n = _num_examples(data)
+        for name, arr in load(data).items():
+            total[name] = total.get(name, 0) + n * arr.astype(np.float64)
+        weight += n
+    model_bytes = store.read(model_key(job, ROUND))
+    record_bytes = store.read(record_key(job, ROUND))
+    assert model_bytes is not None and record_bytes is not None, "finalize wrote neither"
+    model = load(model_bytes)
+    error = 0.0
+    for name, arr in total.items():
+        expected = arr / weight
+        got = model[name].astype(np.float64)
+        error = max(
+            error, float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-30)))
+        )
+    record = json_from_bytes(record_bytes)
+    problems = []
+    if error > MAX_RELATIVE_ERROR:
+        problems.append(f"model 1 differs from the numpy FedAvg by {error:.2e} (relative)")
+    if len(record["included"]) != len(keys) or record["num_examples"] != weight:
+        problems.append(
+            f"the round record includes {len(record['included'])} updates and "
+            f"{record['num_examples']} examples; storage holds {len(keys)} and "
+            f"{weight}"
+        )
+    if problems:
+        raise RuntimeError("; ".join(problems))
+    return {"max_relative_error": error, "updates": len(keys), "num_examples": weight}
+
+
+def _num_examples(data: bytes) -> int:
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    return int(header["__metadata__"]["num_examples"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["generate", "aggregate", "finalize", "verify"])
+    parser.add_argument("root")
+    parser.add_argument("job")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--fan-in", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.step == "generate":
+        result = generate(args.root, args.job, args.clients, args.fan_in, args.seed)
+    else:
+        result = {"aggregate": aggregate, "finalize": finalize, "verify": verify}[args.step](
+            args.root, args.job
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

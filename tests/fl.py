@@ -1,0 +1,78 @@
+"""Helpers shared by the data-plane tests: models, updates, jobs, tokens, an independent FedAvg."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+
+from microfl.jobs import JobSpec, create_job
+from microfl.serde import tensors_to_safetensors
+from microfl.store import ObjectStore
+from microfl.tokens import issue_token
+
+SECRET = "test-secret-0123456789abcdef"
+
+
+def make_model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "fc1.weight": rng.standard_normal((32, 16)).astype(np.float32),
+        "fc1.bias": np.zeros(32, np.float32),
+        "fc2.weight": rng.standard_normal((10, 32)).astype(np.float32),
+    }
+
+
+def make_updates(
+    model: dict[str, np.ndarray], n: int, seed: int = 1
+) -> dict[str, tuple[dict[str, np.ndarray], int]]:
+    rng = np.random.default_rng(seed)
+    return {
+        f"client-{i:03d}": (
+            {k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in model.items()},
+            int(rng.integers(1, 500)),
+        )
+        for i in range(n)
+    }
+
+
+def update_bytes(tensors: dict[str, np.ndarray], n: int) -> bytes:
+    return tensors_to_safetensors(tensors, {"num_examples": str(n)})
+
+
+def new_job(store: ObjectStore, model: dict[str, np.ndarray], **options: object) -> str:
+    job = f"job-{uuid.uuid4().hex[:8]}"
+    spec = JobSpec.for_model(job, model, created_at=time.time(), **options)  # type: ignore[arg-type]
+    create_job(store, spec, tensors_to_safetensors(model))
+    return job
+
+
+def auth(job: str, client: str | None = None, **kw: object) -> dict[str, str]:
+    token = issue_token(SECRET.encode(), job, client, **kw)  # type: ignore[arg-type]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def fedavg(updates: dict[str, tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    total = sum(n for _, n in updates.values())
+    names = next(iter(updates.values()))[0].keys()
+    return {k: sum(t[k].astype(np.float64) * n for t, n in updates.values()) / total for k in names}
+
+
+def healthy_run(store: ObjectStore, job: str, r: int = 1) -> None:
+    """Commit round r of a job whose updates are already stored, in-process with no faults:
+    the reference that faulty runs must match byte for byte."""
+    from microfl import aggregate, finalize
+    from microfl.backends import Backends
+    from microfl.bus import MemoryBus
+    from microfl.jobs import load_job
+
+    bus = MemoryBus()
+    b = Backends(store, bus, SECRET.encode())
+    finalize.seal(b, load_job(store, job), r, trigger="reference")
+    while bus.events:
+        topic, event, _ = bus.events.pop(0)
+        if topic == "microfl.aggregate":
+            aggregate.handle(b, event)
+        elif topic == "microfl.finalize":
+            finalize.handle(b, event)

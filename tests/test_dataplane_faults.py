@@ -1,0 +1,132 @@
+"""SIGKILL of aggregate and finalize in the middle of their work, then restart: the round
+commits once, with the same bytes as a run without faults."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from fl import SECRET, auth, healthy_run, make_model, make_updates, new_job, update_bytes
+from microfl.jobs import (
+    JobSpec,
+    create_job,
+    load_job,
+    model_key,
+    partial_key,
+    record_key,
+    update_key,
+)
+from microfl.local.runtime import LocalRuntime
+from microfl.serde import json_from_bytes, tensors_to_safetensors
+from microfl.store import FileStore
+
+FAILPOINTS = [
+    "aggregate.mid_fold",
+    "aggregate.after_partial",
+    "finalize.after_seal",
+    "finalize.mid_combine",
+    "finalize.after_model",
+    "finalize.after_record",
+]
+
+
+@pytest.fixture(scope="module")
+def crashing(
+    kafka: object, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalRuntime, FileStore, Path]]:
+    work = tmp_path_factory.mktemp("faults")
+    store = FileStore(work / "store")
+    markers = work / "failpoints"
+    markers.mkdir()
+    env = {"MICROFL_FAILPOINTS": ",".join(FAILPOINTS), "MICROFL_FAILPOINT_DIR": str(markers)}
+    with LocalRuntime(
+        store.url,
+        kafka.bootstrap,
+        SECRET,
+        work,  # type: ignore[attr-defined]
+        ping_interval=1.0,
+        env_extra=env,
+    ) as rt:
+        yield rt, store, markers
+
+
+def reference(store: FileStore, job: str, tmp: Path, clients: list[str]) -> FileStore:
+    """The same job and updates in a fresh store, committed in-process without faults."""
+    ref = FileStore(tmp)
+    spec = load_job(store, job)
+    create_job(ref, spec, store.read(model_key(job, 0)) or b"")
+    for client in clients:
+        ref.create(update_key(job, 1, client), store.read(update_key(job, 1, client)) or b"")
+    healthy_run(ref, job)
+    return ref
+
+
+def post_all(url: str, job: str, updates: dict) -> None:
+    for client, (tensors, n) in updates.items():
+        answer = requests.post(
+            f"{url}/v1/jobs/{job}/rounds/1/updates",
+            data=update_bytes(tensors, n),
+            headers=auth(job, client),
+            timeout=30,
+        )
+        assert answer.status_code == 202, answer.text
+
+
+def test_crash_at_every_failpoint_commits_identical_bytes(
+    crashing: tuple[LocalRuntime, FileStore, Path], tmp_path: Path
+) -> None:
+    runtime, store, markers = crashing
+    model = make_model(3)
+    updates = make_updates(model, 12, seed=4)
+    job = new_job(store, model, rounds=2, min_clients=12, fan_in=4)
+    post_all(runtime.ingest_url, job, updates)
+
+    runtime.wait_committed(store, job, 1, timeout=180)
+    fired = sorted(p.name.removeprefix("fired-") for p in markers.iterdir())
+    assert fired == sorted(FAILPOINTS), "every failpoint killed its process once"
+
+    ref = reference(store, job, tmp_path / "ref", sorted(updates))
+    assert store.read(model_key(job, 1)) == ref.read(model_key(job, 1))
+    for chunk in range(3):
+        assert store.read(partial_key(job, 1, chunk)) == ref.read(partial_key(job, 1, chunk))
+    record = json_from_bytes(store.read(record_key(job, 1)) or b"")
+    assert record["included"] == sorted(updates)
+    assert store.list(f"jobs/{job}/models/") == [model_key(job, 0), model_key(job, 1)]
+
+
+def test_external_sigkill_of_whole_instances_mid_round(
+    crashing: tuple[LocalRuntime, FileStore, Path], tmp_path: Path
+) -> None:
+    """The platform's own view: instances die at arbitrary moments, not at chosen lines."""
+    runtime, store, _ = crashing
+    model = {"w": make_model(5)["fc1.weight"].repeat(64, axis=0)}  # ~130k parameters
+    updates = make_updates(model, 40, seed=6)
+    job = f"kill-{int(time.time() * 1000)}"
+    spec = JobSpec.for_model(job, model, rounds=1, min_clients=40, fan_in=5, created_at=time.time())
+    create_job(store, spec, tensors_to_safetensors(model))
+
+    stop = threading.Event()
+
+    def killer() -> None:
+        for i in range(6):
+            if stop.wait(0.7):
+                return
+            fn = runtime.functions["aggregate" if i % 2 == 0 else "finalize"]
+            fn.kill()
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        post_all(runtime.ingest_url, job, updates)
+        runtime.wait_committed(store, job, 1, timeout=240)
+    finally:
+        stop.set()
+        thread.join()
+    ref = reference(store, job, tmp_path / "ref", sorted(updates))
+    assert store.read(model_key(job, 1)) == ref.read(model_key(job, 1))
+    assert json_from_bytes(store.read(record_key(job, 1)) or b"")["included"] == sorted(updates)
