@@ -13,10 +13,10 @@ $(BIN)/.installed: pyproject.toml
 	  { echo "Micro-FL's local Kafka needs Java 17+ and Maven (apt-get install openjdk-17-jre-headless maven)"; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "Micro-FL needs Python 3.11+ (set PYTHON=python3.11)"; exit 1; }
-	@echo "==> creating $(VENV) and installing microfl with its dev tools"
+	@echo "==> creating $(VENV) and installing microfl with its dev tools and the torch client (large on a first install)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,client]'
 	@touch $@
 
 setup: $(BIN)/.installed

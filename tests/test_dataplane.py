@@ -161,4 +161,5 @@ def test_every_upload_error_row_is_answered_and_stores_nothing(
 
 def test_logs_of_the_run_are_in_one_folder(runtime: LocalRuntime) -> None:
     logs = sorted(p.name for p in Path(runtime.workdir, "logs").iterdir())
-    assert logs == ["aggregate.log", "finalize.log", "ingest.log"]
+    for service in ("microfl-ingest", "microfl-aggregate", "microfl-finalize"):
+        assert f"{service}-1.log" in logs, logs

@@ -116,8 +116,7 @@ def test_external_sigkill_of_whole_instances_mid_round(
         for i in range(6):
             if stop.wait(0.7):
                 return
-            fn = runtime.functions["aggregate" if i % 2 == 0 else "finalize"]
-            fn.kill()
+            runtime.services["aggregate" if i % 2 == 0 else "finalize"].kill_all()
 
     thread = threading.Thread(target=killer)
     thread.start()

@@ -81,11 +81,8 @@ class KafkaNode:
     port: int
     controller_port: int
     directory: Path
+    log_path: Path
     proc: subprocess.Popen | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "broker.log"
 
     @property
     def alive(self) -> bool:
@@ -99,6 +96,7 @@ class KafkaCluster:
     workdir: Path
     nodes: int = 1
     heap: str = "512m"
+    logdir: Path | None = None  # default: each node's log in its own folder
     members: list[KafkaNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,7 +104,15 @@ class KafkaCluster:
             raise ValueError("the local Kafka runs 1 node (default) or 3 nodes (RF 3, min ISR 2)")
         self.workdir = Path(self.workdir)
         self.members = [
-            KafkaNode(i, free_port(), free_port(), self.workdir / f"node-{i}")
+            KafkaNode(
+                i,
+                free_port(),
+                free_port(),
+                self.workdir / f"node-{i}",
+                Path(self.logdir) / f"kafka-{i}.log"
+                if self.logdir
+                else self.workdir / f"node-{i}" / "broker.log",
+            )
             for i in range(1, self.nodes + 1)
         ]
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -46,11 +47,12 @@ class LocalPlatform:
     secret: str
     kafka_nodes: int = 1
     gcs: bool = False
-    ping_interval: float = 5.0
+    ping_interval: float | None = 5.0
     kafka: KafkaCluster | None = None
     emulator: FakeGcsServer | None = None
     runtime: LocalRuntime | None = None
     processes: list[dict[str, Any]] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> dict[str, Any]:
         root = state_dir()
@@ -65,7 +67,7 @@ class LocalPlatform:
             {"role": "supervisor", "pid": os.getpid(), "port": None, "log": str(logs / "up.log")}
         ]
         if not bootstrap:
-            self.kafka = KafkaCluster(root / "kafka", nodes=self.kafka_nodes).start()
+            self.kafka = KafkaCluster(root / "kafka", nodes=self.kafka_nodes, logdir=logs).start()
             bootstrap = self.kafka.bootstrap
             for node in self.kafka.members:
                 assert node.proc is not None
@@ -106,12 +108,7 @@ class LocalPlatform:
             ping_interval=self.ping_interval,
             replication=3 if self.kafka_nodes == 3 else 1,
         ).start()
-        for fn in self.runtime.functions.values():
-            assert fn.proc is not None
-            self.processes.append(
-                {"role": fn.target, "pid": fn.proc.pid, "port": fn.port, "log": str(fn.log_path)}
-            )
-        state = {
+        self.state = {
             "started": time.time(),
             "kafka_bootstrap": bootstrap,
             "store": store,
@@ -121,12 +118,29 @@ class LocalPlatform:
             "processes": self.processes,
         }
         root.mkdir(parents=True, exist_ok=True)
-        (root / "state.json").write_text(json.dumps(state, indent=2))
-        return state
+        self._write_state(self.runtime)
+        threading.Thread(target=self._refresh, args=(self.runtime,), daemon=True).start()
+        return self.state
+
+    def _write_state(self, runtime: LocalRuntime) -> None:
+        """state.json with the instances running now (they come and go with the load)."""
+        state = dict(
+            self.state,
+            processes=self.processes + runtime.processes(),
+            services={t: r.url for t, r in runtime.services.items()},
+        )
+        tmp = state_dir() / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(state_dir() / "state.json")
+
+    def _refresh(self, runtime: LocalRuntime) -> None:
+        while not runtime.stopping.wait(1.0):
+            self._write_state(runtime)
 
     def stop(self) -> None:
-        if self.runtime is not None:
-            self.runtime.stop()
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            runtime.stop()
         if self.emulator is not None:
             self.emulator.stop()
         if self.kafka is not None:
