@@ -22,7 +22,9 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 	@$(BIN)/microfl setup
 
-demo: setup
+demo:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory setup && \
+	  echo "==> set-up took $$(( $$(date +%s) - t0 ))s; starting the demo"
 	$(BIN)/microfl demo
 
 test: setup

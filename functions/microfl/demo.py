@@ -1,225 +1,363 @@
 """`microfl demo`: a real federated training run on the local platform.
 
-Clients hold non-IID shards (Dirichlet) of scikit-learn's bundled digits data set and train a
-softmax-regression model locally with numpy; they talk to ingest over HTTP only, and the global
-model of every round is committed by the serverless pipeline (Kafka events, object storage)."""
+Simulated clients, in a few worker processes, hold non-IID shards (Dirichlet) of scikit-learn's
+bundled digits data set and train a small torch MLP locally; they talk to ingest over HTTP only,
+and every global model is committed by the serverless pipeline (Kafka events, object storage).
+`--chaos` SIGKILLs every function and restarts the Kafka broker during the run."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import multiprocessing
+import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from microfl.client import Client
 
-__all__ = ["run_demo", "add_arguments"]
+__all__ = ["DemoConfig", "DemoResult", "add_arguments", "run", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    clients: int = 20
+    rounds: int = 10
+    alpha: float = 0.5
+    epochs: int = 5
+    lr: float = 0.1
+    prox_mu: float = 0.0
+    fan_in: int = 5
+    processes: int = 4
+    seed: int = 0
+    chaos: bool = False
+    report: Path | None = None
+
+
+@dataclass
+class DemoResult:
+    job: str
+    rows: list[dict[str, Any]]
+    centralised: dict[str, float]
+    model_sha256: list[str]  # version 0..rounds
+    chaos: list[str] = field(default_factory=list)
+    report: Path | None = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet non-IID concentration")
-    p.add_argument("--epochs", type=int, default=5, help="local epochs per round")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fan-in", type=int, default=5)
-
-
-def load_digits_split(clients: int, alpha: float, seed: int) -> tuple[list, tuple]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise RuntimeError("the demo needs scikit-learn (make demo installs it)") from exc
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y))
-    cut = int(0.8 * len(y))
-    train, test = order[:cut], order[cut:]
-    shards: list[list[int]] = [[] for _ in range(clients)]
-    for label in range(10):
-        idx = train[y[train] == label]
-        rng.shuffle(idx)
-        shares = rng.dirichlet([alpha] * clients)
-        bounds = (np.cumsum(shares) * len(idx)).astype(int)[:-1]
-        for c, part in enumerate(np.split(idx, bounds)):
-            shards[c] += part.tolist()
-    data = [(x[np.array(s, dtype=int)], y[np.array(s, dtype=int)]) for s in shards]
-    return data, (x[test], y[test], x[train], y[train])
-
-
-def softmax_loss(model: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    logits = x @ model["w"] + model["b"]
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)
-    loss = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
-    return loss, float((p.argmax(axis=1) == y).mean())
-
-
-def train_local(
-    model: dict[str, np.ndarray],
-    x: np.ndarray,
-    y: np.ndarray,
-    epochs: int,
-    seed: int,
-    lr: float = 0.5,
-    batch: int = 32,
-) -> dict[str, np.ndarray]:
-    w, b = model["w"].astype(np.float64), model["b"].astype(np.float64)
-    rng = np.random.default_rng(seed)
-    onehot = np.eye(10)[y]
-    for _ in range(epochs):
-        order = rng.permutation(len(y))
-        for start in range(0, len(y), batch):
-            i = order[start : start + batch]
-            logits = x[i] @ w + b
-            logits -= logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            p /= p.sum(axis=1, keepdims=True)
-            grad = (p - onehot[i]) / len(i)
-            w -= lr * x[i].T @ grad
-            b -= lr * grad.sum(axis=0)
-    return {"w": w.astype(np.float32), "b": b.astype(np.float32)}
+    d = DemoConfig()
+    p.add_argument("--clients", type=int, default=d.clients)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=d.alpha,
+        help="Dirichlet concentration of the non-IID split (smaller: more skew)",
+    )
+    p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
+    p.add_argument("--lr", type=float, default=d.lr, help="local SGD learning rate")
+    p.add_argument("--prox-mu", type=float, default=d.prox_mu, help="FedProx proximal weight")
+    p.add_argument("--fan-in", type=int, default=d.fan_in, help="updates per partial sum")
+    p.add_argument("--processes", type=int, default=d.processes, help="client worker processes")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--chaos",
+        action="store_true",
+        help="SIGKILL every function and restart the Kafka broker during the run",
+    )
+    p.add_argument("--report", type=Path, help="report folder (default .microfl/demo/JOB)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from microfl.cli import local_secret
-    from microfl.jobs import JobSpec, create_job
-    from microfl.local.platform import LocalPlatform, read_state
-    from microfl.serde import tensors_to_safetensors
-    from microfl.store import open_store
-    from microfl.tokens import issue_token
+    config = DemoConfig(
+        args.clients,
+        args.rounds,
+        args.alpha,
+        args.epochs,
+        args.lr,
+        args.prox_mu,
+        args.fan_in,
+        args.processes,
+        args.seed,
+        args.chaos,
+        args.report,
+    )
+    run(config)
+    return 0
 
-    t0 = time.monotonic()
+
+def run(config: DemoConfig) -> DemoResult:
+    from microfl.cli import local_secret
+    from microfl.local.platform import LocalPlatform, read_state
+
     secret = local_secret()
     platform = None
     state = read_state()
+    if state is not None and config.chaos:
+        raise RuntimeError(
+            "--chaos needs the demo's own platform; stop yours with `microfl down` first"
+        )
+    t0 = time.monotonic()
     if state is None:
         print(
-            "starting the local platform (Kafka, file store, ingest/aggregate/finalize) ...",
+            "starting the local platform (Kafka broker, file store, the three functions) ...",
             flush=True,
         )
         platform = LocalPlatform(secret, ping_interval=2.0)
         state = platform.start()
         print(
-            f"  up in {time.monotonic() - t0:.1f}s; ingest at {state['ingest_url']}, "
+            f"  up in {time.monotonic() - t0:.1f}s; ingest at {state['ingest_url']}; "
             f"logs in {state['logs']}",
             flush=True,
         )
     else:
-        print(f"using the running local platform at {state['ingest_url']}")
+        print(f"using the running local platform at {state['ingest_url']}", flush=True)
     try:
-        return _train(
-            args,
-            state,
-            secret,
-            open_store(state["store"]),
-            create_job,
-            JobSpec,
-            tensors_to_safetensors,
-            issue_token,
-        )
+        return _train(config, state, secret, platform)
     finally:
         if platform is not None:
             print("stopping the local platform ...", flush=True)
             platform.stop()
 
 
-def _train(
-    args: argparse.Namespace,
-    state: dict[str, Any],
-    secret: str,
-    store: Any,
-    create_job: Any,
-    JobSpec: Any,
-    to_bytes: Any,
-    issue_token: Any,
-) -> int:
-    shards, (x_test, y_test, x_pool, y_pool) = load_digits_split(
-        args.clients, args.alpha, args.seed
+def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any) -> DemoResult:
+    import torch
+
+    from microfl.client.torch import (
+        evaluate,
+        load_into_module,
+        mlp,
+        tensors_from_module,
+        train_local,
     )
-    init = {"w": np.zeros((64, 10), np.float32), "b": np.zeros(10, np.float32)}
-    job = f"demo-{int(time.time())}"
+    from microfl.demo_data import digits_shards, plot_accuracy
+    from microfl.jobs import JobSpec, create_job
+    from microfl.serde import tensors_to_safetensors
+    from microfl.store import open_store
+    from microfl.tokens import issue_token
+
+    shards, (x_test, y_test), (x_pool, y_pool) = digits_shards(
+        config.clients, config.alpha, config.seed
+    )
+    torch.manual_seed(config.seed)
+    init = tensors_from_module(mlp())
+    job = f"demo-{int(time.time() * 1000)}"
     spec = JobSpec.for_model(
         job,
         init,
-        rounds=args.rounds,
-        min_clients=args.clients,
-        round_timeout=120.0,
-        fan_in=args.fan_in,
+        rounds=config.rounds,
+        min_clients=config.clients,
+        round_timeout=600.0,
+        fan_in=config.fan_in,
         created_at=time.time(),
     )
-    create_job(store, spec, to_bytes(init))
+    create_job(open_store(state["store"]), spec, tensors_to_safetensors(init))
     sizes = sorted(len(y) for _, y in shards)
     print(
-        f"job {job}: {args.clients} clients, shard sizes {sizes[0]}..{sizes[-1]} "
-        f"(Dirichlet alpha {args.alpha}), {args.rounds} rounds of {args.epochs} local epochs"
+        f"job {job}: {config.clients} clients in {config.processes} processes, shards of "
+        f"{sizes[0]}..{sizes[-1]} examples (Dirichlet alpha {config.alpha}), MLP 64-64-10, "
+        f"{config.rounds} rounds x {config.epochs} local epochs",
+        flush=True,
     )
-    clients = [
-        Client(state["ingest_url"], job, issue_token(secret.encode(), job, f"client-{i:02d}"))
-        for i in range(args.clients)
-    ]
+    tokens = [issue_token(secret.encode(), job, f"client-{i:03d}") for i in range(config.clients)]
+    observer = Client(state["ingest_url"], job, issue_token(secret.encode(), job, admin=True))
+    chaos = _Chaos(platform, config.rounds) if config.chaos else None
 
-    def work(i: int, r: int) -> None:
-        model, version = clients[i].model()
-        assert version == r - 1, f"client {i} fetched version {version} for round {r}"
-        x, y = shards[i]
-        if len(y) == 0:
-            x, y = x_pool[:1], y_pool[:1]  # an empty shard still reports (one example)
-        clients[i].post_update(
-            r, train_local(model, x, y, args.epochs, args.seed * 1000 + i), len(y)
-        )
-
-    rows = []
-    print(f"{'round':>5} {'accuracy':>9} {'loss':>7} {'updates':>8} {'time s':>7}")
-    with ThreadPoolExecutor(4) as pool:
-        for r in range(1, args.rounds + 1):
+    rows: list[dict[str, Any]] = []
+    model = mlp()
+    print(f"\n{'round':>5} {'accuracy':>9} {'loss':>7} {'updates':>8} {'time s':>7}", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        config.processes,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(config.clients, config.alpha, config.seed),
+    ) as pool:
+        for r in range(1, config.rounds + 1):
             start = time.monotonic()
-            list(pool.map(lambda i, r=r: work(i, r), range(args.clients)))
-            clients[0].wait_for_version(r)
-            model, _ = clients[0].model()
-            loss, acc = softmax_loss(model, x_test, y_test)
-            record = clients[0].round(r)
+            if chaos is not None:
+                chaos.round_started(r)
+            futures = [
+                pool.submit(
+                    _client_round,
+                    state["ingest_url"],
+                    job,
+                    tokens[i],
+                    i,
+                    config.epochs,
+                    config.lr,
+                    config.prox_mu,
+                    config.seed * 1_000_003 + r * 1_009 + i,
+                )
+                for i in range(config.clients)
+            ]
+            for done, future in enumerate(as_completed(futures), 1):
+                future.result()
+                _progress(r, done, config.clients)
+            observer.wait_for_version(r, timeout=600)
+            tensors, _ = observer.model(r)
+            load_into_module(model, tensors)
+            loss, acc = evaluate(model, x_test, y_test)
+            record = observer.round(r)
             rows.append(
                 {
                     "round": r,
                     "accuracy": acc,
                     "loss": loss,
                     "included": len(record["included"]),
-                    "seconds": time.monotonic() - start,
+                    "excluded": len(record["excluded"]),
+                    "seconds": round(time.monotonic() - start, 3),
                 }
             )
+            _clear_progress()
             print(
                 f"{r:>5} {acc:>9.3f} {loss:>7.3f} {len(record['included']):>8} "
                 f"{rows[-1]['seconds']:>7.2f}",
                 flush=True,
             )
-    central = train_local(init, x_pool, y_pool, args.epochs * args.rounds, args.seed)
-    c_loss, c_acc = softmax_loss(central, x_test, y_test)
+    if chaos is not None:
+        chaos.stop()
+
+    torch.manual_seed(config.seed)
+    central = mlp()
+    train_local(
+        central,
+        x_pool,
+        y_pool,
+        epochs=config.epochs * config.rounds,
+        lr=config.lr,
+        seed=config.seed,
+    )
+    c_loss, c_acc = evaluate(central, x_test, y_test)
     print(
-        f"centralised baseline (pooled data, same epochs): accuracy {c_acc:.3f}, loss {c_loss:.3f}"
+        f"centralised baseline (same model trained on the pooled data, "
+        f"{config.epochs * config.rounds} epochs): accuracy {c_acc:.3f}, loss {c_loss:.3f}"
     )
-    report = Path(state["logs"]).parent / "demo" / job
+
+    hashes = [
+        hashlib.sha256(_model_bytes(observer, v)).hexdigest() for v in range(config.rounds + 1)
+    ]
+    report = config.report or Path(state["logs"]).parent / "demo" / job
     report.mkdir(parents=True, exist_ok=True)
-    (report / "metrics.json").write_text(
-        json.dumps(
-            {
-                "job": job,
-                "rounds": rows,
-                "centralised": {"accuracy": c_acc, "loss": c_loss},
-                "clients": args.clients,
-                "alpha": args.alpha,
-                "epochs": args.epochs,
-            },
-            indent=2,
-        )
+    result = DemoResult(
+        job,
+        rows,
+        {"accuracy": c_acc, "loss": c_loss},
+        hashes,
+        chaos.events if chaos else [],
+        report,
     )
-    for r in range(1, args.rounds + 1):
-        (report / f"round-{r:03d}.json").write_text(json.dumps(clients[0].round(r), indent=2))
-    print(f"report: {report}")
-    return 0
+    config_doc = asdict(config) | {"report": str(report)}
+    summary = {
+        "job": job,
+        "rounds": rows,
+        "centralised": result.centralised,
+        "model_sha256": hashes,
+        "chaos": result.chaos,
+        "config": config_doc,
+    }
+    (report / "metrics.json").write_text(json.dumps(summary, indent=2))
+    for r in range(1, config.rounds + 1):
+        (report / f"round-{r:03d}.json").write_text(json.dumps(observer.round(r), indent=2))
+    plot_accuracy(
+        report / "accuracy.png",
+        [row["accuracy"] for row in rows],
+        c_acc,
+        f"{config.clients} clients, digits, Dirichlet alpha {config.alpha}",
+    )
+    if chaos is not None:
+        print("chaos: " + "; ".join(chaos.events))
+    print(f"report: {report} (metrics.json, accuracy.png, round records)")
+    return result
+
+
+def _model_bytes(client: Client, version: int) -> bytes:
+    resp = client._request("GET", f"/v1/jobs/{client.job}/model", params={"version": version})
+    return resp.content
+
+
+# --- client worker processes ---------------------------------------------------------------
+
+_SHARDS: list[Any] = []
+
+
+def _init_worker(clients: int, alpha: float, seed: int) -> None:
+    import torch
+
+    from microfl.demo_data import digits_shards
+
+    torch.set_num_threads(1)
+    _SHARDS[:] = digits_shards(clients, alpha, seed)[0]
+
+
+def _client_round(
+    url: str, job: str, token: str, i: int, epochs: int, lr: float, prox_mu: float, seed: int
+) -> dict[str, Any]:
+    from microfl.client.torch import TorchClient, mlp
+
+    x, y = _SHARDS[i]
+    client = TorchClient(Client(url, job, token, retries=10), mlp())
+    return client.run_round(x, y, epochs=epochs, lr=lr, prox_mu=prox_mu, seed=seed)
+
+
+# --- terminal output ---------------------------------------------------------------------------
+
+
+def _progress(r: int, done: int, total: int) -> None:
+    if sys.stdout.isatty():
+        bar = "#" * (20 * done // total)
+        print(f"\r  round {r}: [{bar:<20}] {done}/{total} clients reported", end="", flush=True)
+
+
+def _clear_progress() -> None:
+    if sys.stdout.isatty():
+        print("\r" + " " * 60 + "\r", end="", flush=True)
+
+
+# --- chaos -------------------------------------------------------------------------------------
+
+
+class _Chaos:
+    """SIGKILLs each function at least once (every instance it has at that moment) while rounds
+    run, and restarts the Kafka broker once, in the middle of the run."""
+
+    def __init__(self, platform: Any, rounds: int) -> None:
+        self.platform = platform
+        self.broker_round = max(1, rounds // 2)
+        self.events: list[str] = []
+        self.pending = ["ingest", "aggregate", "finalize"]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._kill_functions, daemon=True)
+        self._thread.start()
+
+    def round_started(self, r: int) -> None:
+        if r == self.broker_round and self.platform.kafka is not None:
+            threading.Thread(target=self._restart_broker, args=(r,), daemon=True).start()
+
+    def _restart_broker(self, r: int) -> None:
+        time.sleep(0.5)
+        self.platform.kafka.kill(1)
+        self.events.append(f"round {r}: Kafka broker SIGKILLed")
+        time.sleep(3.0)
+        self.platform.kafka.restart(1)
+        self.events.append(f"round {r}: Kafka broker restarted")
+
+    def _kill_functions(self) -> None:
+        while self.pending and not self._stop.wait(0.7):
+            target = self.pending[0]
+            runner = self.platform.runtime.services[target]
+            if runner.processes():
+                runner.kill_all()
+                self.events.append(f"{target} SIGKILLed")
+                self.pending.pop(0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.pending:
+            self.events.append(f"never found running: {', '.join(self.pending)}")

@@ -7,9 +7,9 @@ Each group member's thread alone touches its Consumer; HTTP attempts run on a wo
 from __future__ import annotations
 
 import base64
+import logging
 import queue
 import re
-import sys
 import threading
 import time
 from collections import deque
@@ -116,8 +116,11 @@ class Counters:
             setattr(self, name, getattr(self, name) + 1)
 
 
+LOG = logging.getLogger("microfl.dispatcher")  # librdkafka's own lines go here too
+
+
 def _log(message: str) -> None:
-    print(f"microfl.dispatcher: {message}", file=sys.stderr, flush=True)
+    LOG.warning(message)
 
 
 def _header_pairs(msg: Message) -> list[tuple[str, bytes | None]]:
@@ -264,6 +267,7 @@ class _Deliverer:
                 self._producer = Producer(
                     {
                         "bootstrap.servers": self.source.bootstrap,
+                        "logger": LOG,
                         "enable.idempotence": True,
                         "acks": "all",
                         "linger.ms": 5,
@@ -302,6 +306,7 @@ class _Member:
         self.consumer = Consumer(
             {
                 "bootstrap.servers": source.bootstrap,
+                "logger": LOG,
                 "group.id": source.group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": source.initial_offset,
@@ -450,6 +455,7 @@ def _init_offsets(source: KafkaSource) -> None:
     consumer = Consumer(
         {
             "bootstrap.servers": source.bootstrap,
+            "logger": LOG,
             "group.id": source.group,
             "enable.auto.commit": False,
         }

@@ -171,18 +171,7 @@ class KafkaCluster:
         ]
 
     def start(self, timeout: float = 90.0) -> KafkaCluster:
-        """A fresh cluster: earlier data in workdir is wiped (restart() keeps a node's data).
-        A port taken between choosing it and binding it costs one retry on new ports."""
-        try:
-            return self._start(timeout)
-        except RuntimeError as exc:
-            print(f"Kafka did not start ({exc}); retrying once on other ports", file=sys.stderr)
-            self.stop()
-            for node in self.members:
-                node.port, node.controller_port, node.proc = free_port(), free_port(), None
-            return self._start(timeout)
-
-    def _start(self, timeout: float) -> KafkaCluster:
+        """A fresh cluster: earlier data in workdir is wiped (restart() keeps a node's data)."""
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         formats = []
         for node in self.members:
@@ -192,7 +181,10 @@ class KafkaCluster:
             conf.write_text(self._properties(node))
             formats.append(
                 spawn(
-                    self._java(STORAGE_TOOL, "format", "-t", cluster_id, "-c", str(conf)),
+                    # --cluster-id=ID: a base64 id may start with "-", which would read as an option
+                    self._java(
+                        STORAGE_TOOL, "format", f"--cluster-id={cluster_id}", "-c", str(conf)
+                    ),
                     node.log_path,
                 )
             )

@@ -5,8 +5,8 @@ sink (finalize's deadline and recovery sweep)."""
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
 import time
 import urllib.request
@@ -23,6 +23,8 @@ from microfl.manifests import Platform, load_platform
 from microfl.serde import Event, event_to_http
 
 __all__ = ["LocalRuntime"]
+
+LOG = logging.getLogger("microfl.runtime")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class LocalRuntime:
     platform: Platform | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _handler: logging.Handler | None = None
 
     def env(self) -> dict[str, str]:
         env = {
@@ -62,6 +65,7 @@ class LocalRuntime:
         self.platform = load_platform(self.manifests or repo_root() / "knative")
         ensure_topics(self.bootstrap, replication=self.replication)
         logs = Path(self.workdir) / "logs"
+        self._log_to(logs / "runtime.log")
         for svc in self.platform.services:
             scale = Scale(
                 svc.min_scale,
@@ -97,6 +101,18 @@ class LocalRuntime:
             self._threads.append(thread)
         return self
 
+    def _log_to(self, path: Path) -> None:
+        """Event delivery and Kafka client lines go to the runtime's log file, not the
+        terminal of whoever runs the platform."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handler = logging.FileHandler(path)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        for name in ("microfl.dispatcher", "microfl.runtime"):
+            logger = logging.getLogger(name)
+            logger.addHandler(self._handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
     @property
     def ingest_url(self) -> str:
         return self.services["ingest"].url
@@ -110,7 +126,7 @@ class LocalRuntime:
             try:
                 urllib.request.urlopen(request, timeout=120).close()
             except OSError as exc:  # the next ping tries again
-                print(f"microfl: ping to finalize failed: {exc}", file=sys.stderr)
+                LOG.warning("ping to finalize failed: %s", exc)
 
     def processes(self) -> list[dict[str, Any]]:
         """Every running function instance: role, pid, port, log."""
@@ -129,6 +145,10 @@ class LocalRuntime:
             runner.stop()
         for thread in self._threads:
             thread.join(timeout=5)
+        if self._handler is not None:
+            for name in ("microfl.dispatcher", "microfl.runtime"):
+                logging.getLogger(name).removeHandler(self._handler)
+            self._handler.close()
 
     def __enter__(self) -> LocalRuntime:
         return self.start()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +22,8 @@ from microfl.local.instance import FunctionProcess
 from microfl.local.procs import HOST
 
 __all__ = ["Scale", "ServiceRunner"]
+
+LOG = logging.getLogger("microfl.runtime")
 
 HOP_HEADERS = {
     "connection",
@@ -135,7 +137,7 @@ class ServiceRunner:
         try:
             fn.start()
         except (RuntimeError, TimeoutError) as exc:
-            print(f"microfl: {self.name}: instance failed to start: {exc}", file=sys.stderr)
+            LOG.warning("%s: instance failed to start: %s", self.name, exc)
             with self._cond:
                 self._starting -= 1
                 self._cond.notify_all()
