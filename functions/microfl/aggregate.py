@@ -4,6 +4,8 @@ Memory holds the float64 accumulator and one update at a time, whatever the roun
 
 from __future__ import annotations
 
+import numpy as np
+
 from microfl import events
 from microfl.backends import Backends
 from microfl.errors import MicroFLError, PoisonEvent
@@ -63,16 +65,10 @@ def _partial_bytes(b: Backends, job: str, r: int, clients: tuple[str, ...]) -> b
         examples.append([client, n])
         failpoint("aggregate.mid_fold")
     if acc is None:  # every update of the chunk excluded: an empty sum
-        acc = {t.name: _zeros(t.shape) for t in spec.schema}
+        acc = {t.name: np.zeros(t.shape, dtype=np.float64) for t in spec.schema}
     metadata = {
         "examples": json_to_bytes(examples).decode(),
         "excluded": json_to_bytes(excluded).decode(),
         "num_examples": str(sum(n for _, n in examples)),
     }
     return tensors_to_safetensors(acc, metadata)
-
-
-def _zeros(shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
-    import numpy as np
-
-    return np.zeros(shape, dtype=np.float64)

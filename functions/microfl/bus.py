@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -83,7 +84,11 @@ def ensure_topics(bootstrap: str, partitions: int = 3, replication: int = 1) -> 
     """Create the platform's topics (and dead-letter topics) if they are missing."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "logger": logging.getLogger("microfl.bus"),
+    }
+    admin = AdminClient(config)
     names = sorted(set(TOPICS.values()))
     names += [f"{n}.dlq" for n in names]
     existing = set(admin.list_topics(timeout=15).topics)

@@ -35,7 +35,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stop it with `microfl down`; `microfl status` lists its processes")
         return 0
     platform = LocalPlatform(local_secret(), kafka_nodes=args.kafka_nodes, gcs=args.gcs)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # `microfl down` stops it like Ctrl-C
     try:
         _print_state(platform.start(), time.monotonic() - t0)
         print("press Ctrl-C to stop", flush=True)
@@ -46,6 +46,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         platform.stop()
     return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _print_state(state: dict, seconds: float) -> None:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ class DemoConfig:
     rounds: int = 10
     alpha: float = 0.5
     epochs: int = 5
-    lr: float = 0.1
+    lr: float = 0.2
+    batch_size: int = 16
     prox_mu: float = 0.0
     fan_in: int = 5
     processes: int = 4
@@ -61,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
     p.add_argument("--lr", type=float, default=d.lr, help="local SGD learning rate")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="local minibatch size")
     p.add_argument("--prox-mu", type=float, default=d.prox_mu, help="FedProx proximal weight")
     p.add_argument("--fan-in", type=int, default=d.fan_in, help="updates per partial sum")
     p.add_argument("--processes", type=int, default=d.processes, help="client worker processes")
@@ -74,19 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    config = DemoConfig(
-        args.clients,
-        args.rounds,
-        args.alpha,
-        args.epochs,
-        args.lr,
-        args.prox_mu,
-        args.fan_in,
-        args.processes,
-        args.seed,
-        args.chaos,
-        args.report,
-    )
+    config = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
     run(config)
     return 0
 
@@ -189,9 +179,7 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
                     job,
                     tokens[i],
                     i,
-                    config.epochs,
-                    config.lr,
-                    config.prox_mu,
+                    config,
                     config.seed * 1_000_003 + r * 1_009 + i,
                 )
                 for i in range(config.clients)
@@ -231,6 +219,7 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
         y_pool,
         epochs=config.epochs * config.rounds,
         lr=config.lr,
+        batch_size=config.batch_size,
         seed=config.seed,
     )
     c_loss, c_acc = evaluate(central, x_test, y_test)
@@ -296,13 +285,21 @@ def _init_worker(clients: int, alpha: float, seed: int) -> None:
 
 
 def _client_round(
-    url: str, job: str, token: str, i: int, epochs: int, lr: float, prox_mu: float, seed: int
+    url: str, job: str, token: str, i: int, config: DemoConfig, seed: int
 ) -> dict[str, Any]:
     from microfl.client.torch import TorchClient, mlp
 
     x, y = _SHARDS[i]
     client = TorchClient(Client(url, job, token, retries=10), mlp())
-    return client.run_round(x, y, epochs=epochs, lr=lr, prox_mu=prox_mu, seed=seed)
+    return client.run_round(
+        x,
+        y,
+        epochs=config.epochs,
+        lr=config.lr,
+        prox_mu=config.prox_mu,
+        seed=seed,
+        batch_size=config.batch_size,
+    )
 
 
 # --- terminal output ---------------------------------------------------------------------------

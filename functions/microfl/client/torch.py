@@ -168,6 +168,7 @@ class TorchClient:
         lr: float,
         prox_mu: float = 0.0,
         seed: int = 0,
+        batch_size: int = 32,
     ) -> dict[str, Any]:
         """Train the open round on the global model and post the update; the server's answer
         with "round" and the local "loss". Raises StaleModel if the model is not version r-1."""
@@ -179,6 +180,15 @@ class TorchClient:
                 f"{r}; fetch the model again"
             )
         load_into_module(self.module, tensors)
-        loss = train_local(self.module, x, y, epochs=epochs, lr=lr, prox_mu=prox_mu, seed=seed)
+        loss = train_local(
+            self.module,
+            x,
+            y,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            prox_mu=prox_mu,
+            seed=seed,
+        )
         answer = self.client.post_update(r, tensors_from_module(self.module), len(y))
         return {**answer, "round": r, "loss": loss}

@@ -58,7 +58,7 @@ def ensure_kafka_libs(quiet: bool = False) -> Path:
         )
     if libs.exists():
         shutil.rmtree(libs)
-    subprocess.run(
+    done_proc = subprocess.run(
         [
             mvn,
             "-q",
@@ -69,8 +69,13 @@ def ensure_kafka_libs(quiet: bool = False) -> Path:
             "dependency:copy-dependencies",
             f"-DoutputDirectory={libs}",
         ],
-        check=True,
+        capture_output=True,
+        text=True,
     )
+    if done_proc.returncode != 0:
+        raise RuntimeError(
+            f"Maven could not assemble Kafka:\n{done_proc.stdout[-3000:]}{done_proc.stderr[-3000:]}"
+        )
     done.touch()
     return libs
 

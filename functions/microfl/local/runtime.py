@@ -25,6 +25,7 @@ from microfl.serde import Event, event_to_http
 __all__ = ["LocalRuntime"]
 
 LOG = logging.getLogger("microfl.runtime")
+LOGGERS = ("microfl.dispatcher", "microfl.runtime", "microfl.bus")
 
 
 @dataclass
@@ -63,9 +64,9 @@ class LocalRuntime:
 
     def start(self) -> LocalRuntime:
         self.platform = load_platform(self.manifests or repo_root() / "knative")
-        ensure_topics(self.bootstrap, replication=self.replication)
         logs = Path(self.workdir) / "logs"
         self._log_to(logs / "runtime.log")
+        ensure_topics(self.bootstrap, replication=self.replication)
         for svc in self.platform.services:
             scale = Scale(
                 svc.min_scale,
@@ -107,7 +108,7 @@ class LocalRuntime:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._handler = logging.FileHandler(path)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-        for name in ("microfl.dispatcher", "microfl.runtime"):
+        for name in LOGGERS:
             logger = logging.getLogger(name)
             logger.addHandler(self._handler)
             logger.setLevel(logging.INFO)
@@ -146,7 +147,7 @@ class LocalRuntime:
         for thread in self._threads:
             thread.join(timeout=5)
         if self._handler is not None:
-            for name in ("microfl.dispatcher", "microfl.runtime"):
+            for name in LOGGERS:
                 logging.getLogger(name).removeHandler(self._handler)
             self._handler.close()
 

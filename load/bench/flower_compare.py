@@ -1,0 +1,364 @@
+"""Micro-FL's aggregation side by side with Flower's own FedAvg aggregation, on the same updates
+in the same run: time, peak memory, and the model each produces.
+
+For each N a FileStore gets N updates of a 1M-parameter model and the seal of round 1. Then, each
+in a fresh process (peak = VmHWM of that process; "work" = peak - RSS after the imports):
+
+- microfl: aggregate.compute_partial for every chunk, then finalize.commit, one process doing the
+  work of all instances one after another. Its time includes reading every update from storage,
+  writing the partials (fsync) and the model.
+- flower-aggregate: flwr.server.strategy.aggregate.aggregate, fed what its API expects: a list of
+  (list of ndarrays, num_examples), all N updates in memory at once.
+- flower-arrayrecords: flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords (what the
+  message-API FedAvg calls): a list of RecordDict with an ArrayRecord and a MetricRecord
+  {"num-examples": n}, the arrays as Flower holds them after a message arrives (npy bytes).
+
+Flower's time is given twice: the aggregation call alone (updates already in memory), and with
+loading the same safetensors files from disk (safetensors.numpy) into its input first. Then the
+three models are compared with each other and with an exact float64 FedAvg.
+
+flwr is not a runtime dependency: `pip install -e '.[bench]'`."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import procstat
+
+__all__ = ["NAME", "markdown", "run"]
+
+NAME = "flower_compare"
+CLIENTS = (100, 1000)
+QUICK_CLIENTS = (100,)
+PARAMS = 1_000_000
+FAN_IN = 10
+TOLERANCE = 1e-6  # max |a - b| / max |expected|, between any two of the models
+TARGET_SPEEDUP = 5.0
+TARGET_MEMORY = 10.0
+TARGET_CLIENTS = 1000
+FLOWER_APIS = ("aggregate", "arrayrecords")
+
+
+def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
+    try:
+        from importlib.metadata import version
+
+        flwr_version = version("flwr")
+    except Exception as exc:
+        raise RuntimeError(
+            "flower_compare needs flwr: pip install -e '.[bench]' (a bench extra, not a "
+            "runtime dependency)"
+        ) from exc
+    tmp = Path(tempfile.mkdtemp(prefix="microfl-flower-", dir=workdir))
+    rows = []
+    try:
+        for n in QUICK_CLIENTS if quick else CLIENTS:
+            root = tmp / f"clients-{n}"
+            procstat.log(NAME, f"N={n}: writing {n} updates of {PARAMS:,} parameters")
+            made = _step("generate", root, str(n))
+            row: dict[str, Any] = {"clients": n, "generate": made}
+            procstat.log(NAME, f"N={n}: microfl (compute_partial x {made['chunks']} + commit)")
+            row["microfl"] = _step("microfl", root)
+            _say(n, "microfl", row["microfl"])
+            for api in FLOWER_APIS:
+                procstat.log(NAME, f"N={n}: flower {api}")
+                row[f"flower_{api}"] = _step("flower", root, api)
+                _say(n, f"flower {api}", row[f"flower_{api}"])
+            row["verify"] = _step("verify", root)
+            procstat.log(NAME, f"N={n}: models agree: {row['verify']}")
+            rows.append(row)
+            shutil.rmtree(root, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for row in rows:
+        me = row["microfl"]
+        row["ratios"] = {
+            api: {
+                "time_compute_only": row[f"flower_{api}"]["aggregate_seconds"] / me["seconds"],
+                "time_with_load": row[f"flower_{api}"]["seconds"] / me["seconds"],
+                "peak": row[f"flower_{api}"]["peak_mib"] / me["peak_mib"],
+                "work": row[f"flower_{api}"]["work_mib"] / me["work_mib"],
+            }
+            for api in FLOWER_APIS
+        }
+    at = [r for r in rows if r["clients"] == TARGET_CLIENTS]
+    return {
+        "benchmark": NAME,
+        "quick": quick,
+        "config": {
+            "clients": [r["clients"] for r in rows],
+            "params": PARAMS,
+            "fan_in": FAN_IN,
+            "flwr": flwr_version,
+            "tolerance": TOLERANCE,
+        },
+        "runs": rows,
+        "targets": {"speedup": TARGET_SPEEDUP, "memory": TARGET_MEMORY, "clients": TARGET_CLIENTS},
+        "within_target": bool(at)
+        and all(
+            r["ratios"][api]["time_compute_only"] >= TARGET_SPEEDUP
+            and r["ratios"][api]["work"] >= TARGET_MEMORY
+            for r in at
+            for api in FLOWER_APIS
+        )
+        and all(r["verify"]["agree"] for r in rows),
+    }
+
+
+def _step(step: str, root: Path, *args: str) -> dict[str, Any]:
+    return procstat.run_step(Path(__file__), step, str(root), *args)
+
+
+def _say(n: int, what: str, got: dict[str, Any]) -> None:
+    extra = f", aggregation call {got['aggregate_seconds']:.2f} s" if "aggregate_seconds" in got else ""
+    procstat.log(
+        NAME,
+        f"N={n}:   {what}: {got['seconds']:.2f} s{extra}, peak {got['peak_mib']:.0f} MiB "
+        f"(work {got['work_mib']:.0f} MiB)",
+    )
+
+
+def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
+    cfg = result["config"]
+    lines = [
+        "## Micro-FL vs Flower aggregation",
+        "",
+        f"Same updates, same run: {cfg['params']:,} float32 parameters "
+        f"({cfg['params'] * 4 / 2**20:.2f} MiB) per update, flwr {cfg['flwr']}. Each column "
+        "is a fresh process; peak is its VmHWM, work is peak minus its RSS after imports. "
+        "**Micro-FL** = aggregate.compute_partial for every chunk (fan-in "
+        f"{cfg['fan_in']}) + finalize.commit, sequentially in one process, *including* reading "
+        "every update from the FileStore (page cache) and writing partials and model with "
+        "fsync. **Flower aggregate** = `flwr.server.strategy.aggregate.aggregate` on a list of "
+        "(ndarrays, num_examples); **Flower arrayrecords** = "
+        "`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` (the message-API "
+        "FedAvg's helper) on RecordDicts; both hold all N updates in memory, as their APIs "
+        "require. Flower's time is the aggregation call alone, and in brackets with loading "
+        "the same safetensors files from disk first.",
+        "",
+        "| clients | what | time s | peak MiB | work MiB | Flower time / Micro-FL "
+        "(with load) | Flower work / Micro-FL work | max rel. diff vs exact |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["runs"]:
+        me = row["microfl"]
+        err = row["verify"]["errors"]
+        lines.append(
+            f"| {row['clients']} | Micro-FL | {me['seconds']:.2f} | {me['peak_mib']:.0f} "
+            f"| {me['work_mib']:.0f} | 1 | 1 | {err['microfl']:.1e} |"
+        )
+        for api in FLOWER_APIS:
+            fl, ratio = row[f"flower_{api}"], row["ratios"][api]
+            lines.append(
+                f"| {row['clients']} | Flower {api} | {fl['aggregate_seconds']:.2f} "
+                f"({fl['seconds']:.2f}) | {fl['peak_mib']:.0f} | {fl['work_mib']:.0f} "
+                f"| {ratio['time_compute_only']:.2f}x ({ratio['time_with_load']:.2f}x) "
+                f"| {ratio['work']:.0f}x | {err[f'flower_{api}']:.1e} |"
+            )
+    lines += ["", "Agreement (max |a - b| / max |exact|, tolerance "
+              f"{cfg['tolerance']:g}):", ""]
+    for row in result["runs"]:
+        v = row["verify"]
+        pairs = ", ".join(f"{k} {e:.1e}" for k, e in v["pairwise"].items())
+        lines.append(f"- {row['clients']} clients: {pairs} ({'agree' if v['agree'] else 'DIFFER'})")
+    t = result["targets"]
+    at = [r for r in result["runs"] if r["clients"] == t["clients"]]
+    lines += ["", f"Targets at {t['clients']} clients: >= {t['speedup']:g}x faster and >= "
+              f"{t['memory']:g}x less peak memory than Flower's aggregation."]
+    if not at:
+        lines.append(f"- not measured in this run (quick mode stops at {cfg['clients'][-1]}).")
+    for row in at:
+        for api in FLOWER_APIS:
+            ratio = row["ratios"][api]
+            speed = ratio["time_compute_only"]
+            lines.append(
+                f"- vs Flower {api}: speed {speed:.2f}x "
+                + ("(met)" if speed >= t["speedup"] else f"(MISSED by {t['speedup'] / speed:.1f}x)")
+                + f", {ratio['time_with_load']:.2f}x counting Flower's load; memory "
+                f"{ratio['work']:.0f}x less work memory, {ratio['peak']:.0f}x less peak RSS "
+                + ("(met)" if ratio["work"] >= t["memory"] else "(MISSED)")
+                + "."
+            )
+    mode = "quick (`--quick`)" if result["quick"] else "full"
+    lines += [
+        "",
+        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
+        f"{machine['memory_total_mib']:,} MiB RAM, load average at start "
+        f"{machine.get('loadavg', ['?'])[0]}.",
+    ]
+    return "\n".join(lines)
+
+
+# --- child steps -------------------------------------------------------------------------------
+
+
+def generate(root: Path, clients: int) -> dict[str, Any]:
+    import synth
+
+    store, updates, seconds = synth.write_round(root, PARAMS, clients, FAN_IN)
+    return {
+        "seconds": seconds,
+        "chunks": -(-clients // FAN_IN),
+        "model_bytes": updates.model_bytes,
+        "params": PARAMS,
+    }
+
+
+def microfl(root: Path) -> dict[str, Any]:
+    import synth
+    from microfl.aggregate import compute_partial
+    from microfl.backends import Backends
+    from microfl.bus import MemoryBus
+    from microfl.finalize import commit
+    from microfl.jobs import Seal, load_job, seal_key
+    from microfl.store import FileStore
+
+    b = Backends(FileStore(root), MemoryBus())
+
+    def work() -> dict[str, Any]:
+        sealed = b.store.read(seal_key(synth.JOB, synth.ROUND))
+        assert sealed is not None
+        chunks = Seal.from_bytes(sealed).chunks
+        start = time.perf_counter()
+        for chunk in range(chunks):
+            compute_partial(b, synth.JOB, synth.ROUND, chunk)
+        aggregate_s = time.perf_counter() - start
+        if not commit(b, load_job(b.store, synth.JOB), synth.ROUND):
+            raise RuntimeError("finalize.commit did not commit round 1")
+        return {
+            "chunks": chunks,
+            "aggregate_phase_seconds": aggregate_s,
+            "finalize_phase_seconds": time.perf_counter() - start - aggregate_s,
+        }
+
+    return procstat.measured(work)
+
+
+def flower(root: Path, api: str) -> dict[str, Any]:
+    import numpy as np
+    from safetensors import safe_open
+
+    import synth
+    from microfl.jobs import Seal, seal_key, update_key
+    from microfl.store import FileStore
+
+    if api == "aggregate":
+        from flwr.server.strategy.aggregate import aggregate
+    else:
+        from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+        from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    store = FileStore(root)
+    sealed = store.read(seal_key(synth.JOB, synth.ROUND))
+    assert sealed is not None
+    clients = Seal.from_bytes(sealed).clients
+    paths = [store.root / update_key(synth.JOB, synth.ROUND, c) for c in clients]
+    names: list[str] = []
+    timing: dict[str, float] = {}
+
+    def load() -> list[Any]:
+        items: list[Any] = []
+        for path in paths:
+            with safe_open(str(path), framework="np") as f:
+                n = int(f.metadata()["num_examples"])
+                names[:] = sorted(f.keys())
+                arrays = [f.get_tensor(name) for name in names]
+            if api == "aggregate":
+                items.append((arrays, n))
+            else:
+                record = ArrayRecord({k: Array(a) for k, a in zip(names, arrays, strict=True)})
+                items.append(
+                    RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": n})})
+                )
+        return items
+
+    def work() -> dict[str, Any]:
+        start = time.perf_counter()
+        items = load()
+        timing["load"] = time.perf_counter() - start
+        loaded_mib = procstat.status_mib("VmRSS")
+        start = time.perf_counter()
+        if api == "aggregate":
+            result = dict(zip(names, aggregate(items), strict=True))
+        else:
+            record = aggregate_arrayrecords(items, "num-examples")
+            result = {k: record[k].numpy() for k in names}
+        timing["aggregate"] = time.perf_counter() - start
+        timing["loaded_mib"] = loaded_mib or 0.0
+        timing["result"] = result  # type: ignore[assignment]
+        return {}
+
+    got = procstat.measured(work)
+    np.savez(root / f"flower-{api}.npz", **timing.pop("result"))  # type: ignore[arg-type]
+    return {
+        **got,
+        "load_seconds": timing["load"],
+        "aggregate_seconds": timing["aggregate"],
+        "rss_after_load_mib": timing["loaded_mib"],
+        "dtype": str(np.load(root / f"flower-{api}.npz")[names[0]].dtype),
+    }
+
+
+def verify(root: Path) -> dict[str, Any]:
+    import numpy as np
+
+    import synth
+    from microfl.jobs import Seal, model_key, seal_key
+    from microfl.serde import tensors_from_safetensors
+    from microfl.store import FileStore
+
+    store = FileStore(root)
+    sealed = store.read(seal_key(synth.JOB, synth.ROUND))
+    data = store.read(model_key(synth.JOB, synth.ROUND))
+    assert sealed is not None and data is not None
+    n = len(Seal.from_bytes(sealed).clients)
+    exact = synth.Updates(synth.model(PARAMS, 0), n, 1).fedavg()
+    models = {"microfl": tensors_from_safetensors(data)[0]}
+    for api in FLOWER_APIS:
+        with np.load(root / f"flower-{api}.npz") as f:
+            models[f"flower_{api}"] = {k: f[k] for k in f.files}
+    scale = max(float(np.max(np.abs(a))) for a in exact.values())
+
+    def diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+        return max(
+            float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
+            for k in exact
+        ) / scale
+
+    errors = {name: diff(m, exact) for name, m in models.items()}
+    names = list(models)
+    pairwise = {
+        f"{a} vs {b}": diff(models[a], models[b])
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
+    return {
+        "errors": errors,
+        "pairwise": pairwise,
+        "agree": all(e <= TOLERANCE for e in pairwise.values()),
+        "max_abs_exact": scale,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["generate", "microfl", "flower", "verify"])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("arg", nargs="?")
+    args = parser.parse_args(argv)
+    if args.step == "generate":
+        result = generate(args.root, int(args.arg))
+    elif args.step == "flower":
+        result = flower(args.root, args.arg)
+    else:
+        result = {"microfl": microfl, "verify": verify}[args.step](args.root)
+    procstat.emit(result)
+
+
+if __name__ == "__main__":
+    main()

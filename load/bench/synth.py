@@ -1,0 +1,117 @@
+"""Models and client updates for the benchmarks, made cheaply and reproducibly (imported by child
+processes only: it imports numpy).
+
+A model of P float32 parameters is a dense layer: weight (rows, P/rows - 1) and bias (rows,).
+Client i sends one of POOL distinct tensor sets, pool[i % POOL], with its own num_examples, so
+every body is distinct (the header differs) while making N bodies costs N header edits and
+copies rather than N random draws, and the exact FedAvg is a float64 sum over POOL terms."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from microfl.jobs import JobSpec, Seal, create_job, seal_key, update_key
+from microfl.serde import tensors_to_safetensors
+from microfl.store import FileStore
+
+__all__ = ["JOB", "POOL", "ROUND", "Updates", "model", "shapes", "write_round"]
+
+JOB = "bench"
+ROUND = 1
+POOL = 16
+NOISE = 0.01
+_PLACEHOLDER = "999"  # num_examples in a template body; every client's has three digits too
+
+
+def shapes(params: int) -> dict[str, tuple[int, ...]]:
+    rows = 100 if params < 1_000_000 else 1000
+    cols = params // rows - 1
+    if rows * cols + rows != params:
+        raise ValueError(f"{params} parameters do not make a ({rows}, n) weight plus a bias")
+    return {"dense.weight": (rows, cols), "dense.bias": (rows,)}
+
+
+def model(params: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes(params).items()
+    }
+
+
+class Updates:
+    """The updates of n clients for a model; body(i) is client i's safetensors upload."""
+
+    def __init__(self, base: dict[str, np.ndarray], n: int, seed: int = 1) -> None:
+        rng = np.random.default_rng(seed)
+        self.n = n
+        self.pool = [
+            {
+                name: arr + np.float32(NOISE) * rng.standard_normal(arr.shape, dtype=np.float32)
+                for name, arr in base.items()
+            }
+            for _ in range(min(POOL, n))
+        ]
+        self.examples = [int(v) for v in rng.integers(100, 1000, size=n)]  # three digits
+        self._templates = [
+            tensors_to_safetensors(t, {"num_examples": _PLACEHOLDER}) for t in self.pool
+        ]
+        head = self._templates[0][:4096]
+        self._at = head.index(b'"num_examples":"' + _PLACEHOLDER.encode()) + 16
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(a.nbytes for a in self.pool[0].values())
+
+    def client(self, i: int) -> str:
+        return f"client-{i:06d}"
+
+    def tensors(self, i: int) -> dict[str, np.ndarray]:
+        return self.pool[i % len(self.pool)]
+
+    def body(self, i: int) -> bytes:
+        """Client i's upload, byte-identical to tensors_to_safetensors(tensors(i), metadata)."""
+        data = bytearray(self._templates[i % len(self.pool)])
+        data[self._at : self._at + 3] = str(self.examples[i]).encode()
+        return bytes(data)
+
+    def bodies(self) -> Iterator[tuple[str, bytes]]:
+        for i in range(self.n):
+            yield self.client(i), self.body(i)
+
+    def fedavg(self) -> dict[str, np.ndarray]:
+        """The exact example-weighted mean in float64."""
+        weights = np.zeros(len(self.pool))
+        for i, n in enumerate(self.examples):
+            weights[i % len(self.pool)] += n
+        total = weights.sum()
+        return {
+            name: sum(w * p[name].astype(np.float64) for w, p in zip(weights, self.pool)) / total
+            for name in self.pool[0]
+        }
+
+
+def write_round(
+    root: Path, params: int, clients: int, fan_in: int, seed: int = 0
+) -> tuple[FileStore, Updates, float]:
+    """A FileStore with job JOB (min_clients = clients), every client's update for round 1 and
+    the seal: what aggregate and finalize find when the round has been sealed. Returns the
+    store, the updates and the seconds the writes took."""
+    store = FileStore(root)
+    base = model(params, seed)
+    updates = Updates(base, clients, seed + 1)
+    spec = JobSpec.for_model(
+        JOB, base, rounds=1, min_clients=clients, fan_in=fan_in, created_at=time.time()
+    )
+    create_job(store, spec, tensors_to_safetensors(base))
+    start = time.perf_counter()
+    for client, body in updates.bodies():
+        store.create(update_key(JOB, ROUND, client), body)
+    names = tuple(updates.client(i) for i in range(clients))
+    seal = Seal(ROUND, names, fan_in, "quorum", time.time(), "bench")
+    if not store.create(seal_key(JOB, ROUND), seal.to_bytes()):
+        raise RuntimeError(f"round {ROUND} of job {JOB!r} in {root} was sealed already")
+    return store, updates, time.perf_counter() - start
