@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test check lint bench up down status clean
+.PHONY: setup demo test check lint bench chaos-report up down status clean
 
 $(BIN)/.installed: pyproject.toml
 	@command -v java >/dev/null && command -v mvn >/dev/null || \
@@ -40,6 +40,9 @@ check: lint test
 bench: setup
 	$(BIN)/python load/bench/run.py
 
+chaos-report: setup
+	$(BIN)/microfl chaos all --report load/results/chaos-report.md
+
 up: setup
 	$(BIN)/microfl up --detach
 
@@ -51,3 +54,103 @@ status: $(BIN)/.installed
 
 clean: down
 	rm -rf $(VENV) .cache .microfl
+
+# Locust's FL clients against the local platform (load/locustfile.py): started detached if none
+# is running (and stopped again), a job whose model is LOAD_KB KiB with quorum LOAD_USERS, a
+# headless LOAD_PROFILE run of LOAD_SECONDS; Locust's CSV and HTML in load/results/, then
+# load/check_lost.py: every accepted update in exactly one round record; rate and p50/p95.
+LOAD_USERS ?= 30
+LOAD_SECONDS ?= 60
+LOAD_KB ?= 64
+LOAD_PROFILE ?= steady
+.PHONY: load
+load: setup
+	@mkdir -p load/results; rm -f load/results/ledger*.jsonl; \
+	alive='import json,sys; sys.exit(not any(p["alive"] for p in json.load(sys.stdin)["processes"]))'; \
+	if ! $(BIN)/microfl status --json | $(BIN)/python -c "$$alive"; then \
+	  echo "==> starting the local platform"; \
+	  $(BIN)/microfl up --detach >/dev/null || exit 1; \
+	  trap 'echo "==> stopping the local platform"; $(BIN)/microfl down >/dev/null' EXIT; fi; \
+	job=$$($(BIN)/python load/locustfile.py job --kb $(LOAD_KB) --min-clients $(LOAD_USERS)) \
+	  || exit 1; \
+	echo "==> job $$job: $(LOAD_USERS) clients, $(LOAD_KB) KiB updates, $(LOAD_PROFILE) for $(LOAD_SECONDS)s"; \
+	MICROFL_JOB=$$job MICROFL_PROFILE=$(LOAD_PROFILE) MICROFL_USERS=$(LOAD_USERS) \
+	  MICROFL_DURATION=$(LOAD_SECONDS) MICROFL_LEDGER=load/results/ledger.jsonl \
+	  $(BIN)/locust -f load/locustfile.py --headless --only-summary --stop-timeout 10 \
+	  --csv load/results/locust --html load/results/locust.html; rc=$$?; \
+	echo "==> checking for lost updates"; \
+	$(BIN)/python load/check_lost.py --job $$job --ledger load/results/ledger.jsonl \
+	  --stats load/results/locust_stats.csv --json load/results/check.json || rc=1; \
+	exit $$rc
+
+# --- GKE (README "Run on GKE"): tools, image, deploy -----------------------------------------
+.PHONY: infra-tools image deploy
+TOOLS := $(CURDIR)/.cache/bin
+TOFU_VERSION := v1.10.10
+KUSTOMIZE_VERSION := v5.8.1
+CHECKOV_VERSION := 3.3.30
+# Terraform or OpenTofu, to read the outputs of infra/terraform (make deploy TF=tofu, ...).
+TF ?= $(or $(shell command -v terraform),$(shell command -v tofu),$(TOOLS)/tofu)
+KUSTOMIZE ?= $(if $(wildcard $(TOOLS)/kustomize),$(TOOLS)/kustomize,kustomize)
+TF_OUTPUT = $(TF) -chdir=infra/terraform output -raw
+IMAGE ?= $(shell $(TF_OUTPUT) image_repository 2>/dev/null || echo microfl)
+IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
+# The image name knative/kustomization.yaml gives the functions; deploy replaces it.
+BASE_IMAGE = $(shell sed -n 's/^ *newName: *//p' knative/kustomization.yaml)
+
+# OpenTofu (tofu fmt), kustomize and checkov for tests/test_infra.py and make deploy, in
+# .cache/bin; each is skipped when its pinned version is there. OpenTofu is built inside its
+# downloaded module: `go install ...@version` refuses modules with replace directives.
+# checkov gets a virtualenv of its own: it pins packaging<24, which the dev tools cannot use.
+infra-tools:
+	@command -v go >/dev/null || { echo "infra-tools builds OpenTofu and kustomize with Go 1.24+; install Go first"; exit 1; }
+	@mkdir -p $(TOOLS)
+	@if $(TOOLS)/tofu version 2>/dev/null | grep -qx "OpenTofu $(TOFU_VERSION)"; then \
+	  echo "tofu $(TOFU_VERSION) is in $(TOOLS)"; \
+	else \
+	  echo "==> building OpenTofu $(TOFU_VERSION) from the Go module proxy (about 15 minutes on an empty Go cache)"; \
+	  dir=$$(go mod download -json github.com/opentofu/opentofu@$(TOFU_VERSION) | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); \
+	  test -n "$$dir" && cd "$$dir" && go build -trimpath -o $(TOOLS)/tofu \
+	    -ldflags "-s -w -X github.com/opentofu/opentofu/version.dev=no" ./cmd/tofu; \
+	fi
+	@if [ "$$($(TOOLS)/kustomize version 2>/dev/null)" = "$(KUSTOMIZE_VERSION)" ]; then \
+	  echo "kustomize $(KUSTOMIZE_VERSION) is in $(TOOLS)"; \
+	else \
+	  echo "==> building kustomize $(KUSTOMIZE_VERSION) from the Go module proxy"; \
+	  GOBIN=$(TOOLS) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION); \
+	fi
+	@if [ "$$(.cache/checkov/bin/python -c 'import importlib.metadata as m; print(m.version("checkov"))' 2>/dev/null)" = "$(CHECKOV_VERSION)" ]; then \
+	  echo "checkov $(CHECKOV_VERSION) is in .cache/checkov"; \
+	else \
+	  echo "==> installing checkov $(CHECKOV_VERSION) into .cache/checkov (about 2 minutes)"; \
+	  rm -rf .cache/checkov && $(PYTHON) -m venv .cache/checkov && \
+	  .cache/checkov/bin/pip install -q --disable-pip-version-check checkov==$(CHECKOV_VERSION); \
+	fi
+	@ln -sf ../checkov/bin/checkov $(TOOLS)/checkov
+
+# The functions' image (functions/Dockerfile), tagged with the commit; pushed when IMAGE is a
+# registry path (by default the Artifact Registry repository of infra/terraform). PUSH=0: build only.
+image:
+	@command -v docker >/dev/null || { echo "make image needs Docker"; exit 1; }
+	docker build --platform linux/amd64 -f functions/Dockerfile -t $(IMAGE):$(IMAGE_TAG) .
+	@case "$(IMAGE)" in */*) [ "$(PUSH)" = 0 ] || docker push $(IMAGE):$(IMAGE_TAG);; \
+	  *) echo "built $(IMAGE):$(IMAGE_TAG); set IMAGE to a registry path to push it";; esac
+
+# knative/ adapted to the cluster of infra/terraform (its output knative_kustomization: bucket,
+# Kafka, Workload Identity accounts) with the image of `make image`, applied with kubectl after
+# creating the namespace and, once, the token-signing secret. DRY_RUN=1 prints the manifests.
+deploy:
+	@mkdir -p .cache/gke
+	@$(TF_OUTPUT) knative_kustomization > .cache/gke/kustomization.yaml
+	@cd .cache/gke && $(KUSTOMIZE) edit set image "$(BASE_IMAGE)=$(IMAGE):$(IMAGE_TAG)"
+	@if [ -n "$(DRY_RUN)" ]; then $(KUSTOMIZE) build .cache/gke; else \
+	  set -e; command -v kubectl >/dev/null || { echo "make deploy needs kubectl"; exit 1; }; \
+	  echo "==> deploying $(IMAGE):$(IMAGE_TAG) to $$(kubectl config current-context)"; \
+	  kubectl create namespace microfl --dry-run=client -o yaml | kubectl apply -f -; \
+	  kubectl -n microfl get secret microfl-secret >/dev/null 2>&1 || \
+	    kubectl -n microfl create secret generic microfl-secret \
+	      --from-literal=MICROFL_SECRET="$$(openssl rand -hex 32)"; \
+	  $(KUSTOMIZE) build .cache/gke | kubectl apply -f -; \
+	  kubectl -n microfl wait ksvc --all --for=condition=Ready --timeout=300s; \
+	  echo "ingest: $$($(TF_OUTPUT) ingest_url)"; \
+	fi

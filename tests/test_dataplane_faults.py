@@ -28,6 +28,7 @@ from microfl.store import FileStore
 FAILPOINTS = [
     "aggregate.mid_fold",
     "aggregate.after_partial",
+    "finalize.after_closing",
     "finalize.after_seal",
     "finalize.mid_combine",
     "finalize.after_model",

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from microfl import faults
 from microfl.bus import EventBus, KafkaBus
 from microfl.errors import ConfigError
 from microfl.store import ObjectStore, open_store
@@ -33,4 +34,4 @@ def backends_from_env() -> Backends:
             "MICROFL_KAFKA_BOOTSTRAP (host:port,...) for the functions"
         )
     secret = os.environ.get("MICROFL_SECRET", "").encode()
-    return Backends(open_store(store), KafkaBus(bootstrap), secret)
+    return Backends(open_store(store), KafkaBus(bootstrap), secret, clock=faults.clock)

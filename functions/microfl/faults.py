@@ -1,15 +1,18 @@
-"""Named crash points for fault tests: `failpoint("finalize.after_model")` SIGKILLs the process
-there when MICROFL_FAILPOINTS lists that name. Each fires once per MICROFL_FAILPOINT_DIR (a
-marker file remembers it across the restart), so the retry that follows runs through. Without
-MICROFL_FAILPOINTS set this is a dictionary lookup and nothing else."""
+"""Hooks for fault tests, inert unless their environment variables are set.
+
+`failpoint("finalize.after_model")` SIGKILLs the process there when MICROFL_FAILPOINTS lists that
+name. Each fires once per MICROFL_FAILPOINT_DIR (a marker file remembers it across the restart),
+so the retry that follows runs through. `clock()` is the functions' wall clock, which
+MICROFL_CLOCK_SKEW_FILE can jump forward."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
-__all__ = ["failpoint"]
+__all__ = ["clock", "failpoint"]
 
 
 def failpoint(name: str) -> None:
@@ -23,3 +26,15 @@ def failpoint(name: str) -> None:
         return
     os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def clock() -> float:
+    """Wall-clock time, plus the skew in seconds written in MICROFL_CLOCK_SKEW_FILE if that is
+    set: how a fault test jumps the functions' clocks past a deadline without restarting them."""
+    path = os.environ.get("MICROFL_CLOCK_SKEW_FILE")
+    if not path:
+        return time.time()
+    try:
+        return time.time() + float(Path(path).read_text() or 0)
+    except (OSError, ValueError):
+        return time.time()

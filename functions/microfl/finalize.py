@@ -13,6 +13,7 @@ from microfl.faults import failpoint
 from microfl.jobs import (
     JobSpec,
     Seal,
+    closing_key,
     latest_version,
     load_job,
     model_key,
@@ -73,15 +74,20 @@ def seal(
     if existing is None:
         if open_round(spec, latest_version(b.store, job)) != r:
             return None
+        closing = b.store.read(closing_key(job, r))
+        if closing is None:
+            reason = _seal_reason(b, spec, r)
+            if reason is None:
+                return None
+            # The decision first: uploads that land after it wait for the seal to see if they
+            # made it, so no upload is told 202 and then left out.
+            b.store.create(closing_key(job, r), json_to_bytes({"reason": reason}))
+            failpoint("finalize.after_closing")
+            closing = b.store.read(closing_key(job, r)) or json_to_bytes({"reason": reason})
         clients = [k.rsplit("/", 1)[1] for k in b.store.list(updates_prefix(job, r))]
-        now = b.clock()
-        if len(clients) >= spec.min_clients:
-            reason = "quorum"
-        elif clients and _past_deadline(b, spec, r, now):
-            reason = "deadline"
-        else:
-            return None
-        existing = Seal(r, tuple(sorted(clients)), spec.fan_in, reason, now, trigger).to_bytes()
+        reason = json_from_bytes(closing)["reason"]
+        candidate = Seal(r, tuple(sorted(clients)), spec.fan_in, reason, b.clock(), trigger)
+        existing = candidate.to_bytes()
         created = b.store.create(seal_key(job, r), existing)
         failpoint("finalize.after_seal")
         if not created:
@@ -106,9 +112,15 @@ def seal(
     return sealed
 
 
-def _past_deadline(b: Backends, spec: JobSpec, r: int, now: float) -> bool:
+def _seal_reason(b: Backends, spec: JobSpec, r: int) -> str | None:
+    """Why round r should seal now ("quorum" or "deadline"), or None."""
+    count = len(b.store.list(updates_prefix(spec.job, r)))
+    if count >= spec.min_clients:
+        return "quorum"
     opened = round_opened_at(b.store, spec, r)
-    return opened is not None and now >= opened + spec.round_timeout
+    if count and opened is not None and b.clock() >= opened + spec.round_timeout:
+        return "deadline"
+    return None
 
 
 def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,12 +13,14 @@ from microfl.errors import (
     Forbidden,
     RoundNotFound,
     RoundNotOpen,
+    Unavailable,
     UpdateTooLarge,
 )
 from microfl.faults import failpoint
 from microfl.jobs import (
     JobSpec,
     Seal,
+    closing_key,
     latest_version,
     load_job,
     model_key,
@@ -33,6 +36,8 @@ from microfl.serde import json_from_bytes, tensors_from_safetensors
 from microfl.tokens import Claims, verify_token
 
 __all__ = ["get_job", "get_model", "get_round", "post_update"]
+
+SEAL_WAIT = 10.0  # seconds an upload waits for a seal in progress before answering 503
 
 
 def _authorize(b: Backends, job: str, token: str | None) -> tuple[Claims, JobSpec]:
@@ -119,27 +124,37 @@ def post_update(
         if not b.store.create(key, body):
             stored = b.store.read(key)
         failpoint("ingest.after_update")
-    if stored is not None:
-        if stored != body:
-            raise ConflictingUpdate(
-                f"client {client!r} already sent a different update for "
-                f"round {r}; an update cannot be changed"
-            )
-        status = 200
-    else:
-        status = 202
-        if b.store.exists(seal_key(job, r)):
-            # Sealed between our check and our write: the update missed the round.
-            seal = Seal.from_bytes(b.store.read(seal_key(job, r)) or b"")
-            if client not in seal.clients:
-                b.store.delete(key)
-                raise RoundNotOpen(
-                    f"round {r} was sealed while the update arrived; send it to round {r + 1}"
-                )
+    if stored is not None and stored != body:
+        raise ConflictingUpdate(
+            f"client {client!r} already sent a different update for round {r}; an update "
+            "cannot be changed"
+        )
+    _settle(b, job, r, client, key)
     # Announce on replays too: the first announcement may have been lost with its instance.
     b.bus.publish([events.update_accepted(job, r, client)], key=job)
-    return status, {
-        "round": r,
-        "client": client,
-        "status": "accepted" if status == 202 else "replay",
-    }
+    return (
+        (202, {"round": r, "client": client, "status": "accepted"})
+        if stored is None
+        else (200, {"round": r, "client": client, "status": "replay"})
+    )
+
+
+def _settle(b: Backends, job: str, r: int, client: str, key: str) -> None:
+    """Once the update is stored: answer 2xx only if round r's seal lists it or will. The
+    sealer writes closing.json before it lists the updates, so without that marker any seal to
+    come lists this update; with it, wait for the seal and look."""
+    if not b.store.exists(closing_key(job, r)):
+        return
+    deadline = time.monotonic() + SEAL_WAIT
+    while (sealed := b.store.read(seal_key(job, r))) is None:
+        if time.monotonic() > deadline:
+            raise Unavailable(
+                f"round {r} is being sealed; retry in a moment (the same bytes "
+                "are safe to send again)"
+            )
+        time.sleep(0.05)
+    if client not in Seal.from_bytes(sealed).clients:
+        b.store.delete(key)
+        raise RoundNotOpen(
+            f"round {r} was sealed while the update arrived; send it to round {r + 1}"
+        )

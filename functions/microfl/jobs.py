@@ -6,6 +6,7 @@ Layout under `jobs/{job}/` (every object written once, create-only):
     models/{v:08d}.safetensors                global model version v (0 = initial)
     optimizer/{v:08d}.safetensors             server optimiser state after version v (FedAdam)
     rounds/{r:08d}/updates/{client}           a client's update for round r
+    rounds/{r:08d}/closing.json               the decision to seal, written before the listing
     rounds/{r:08d}/seal.json                  the sealed manifest: which updates, in which chunks
     rounds/{r:08d}/partials/{c:06d}.safetensors   weighted sum of chunk c (float64)
     rounds/{r:08d}/record.json                the round record, written after model r
@@ -189,6 +190,12 @@ def update_key(job: str, r: int, client: str) -> str:
     return updates_prefix(job, r) + client
 
 
+def closing_key(job: str, r: int) -> str:
+    """Written before the sealer lists the updates: an upload that finds it must wait for the
+    seal to learn whether it made the round."""
+    return f"{_round(job, r)}/closing.json"
+
+
 def seal_key(job: str, r: int) -> str:
     return f"{_round(job, r)}/seal.json"
 
@@ -248,7 +255,7 @@ def require_open(spec: JobSpec, store: ObjectStore, r: int) -> None:
             f"round {r} is not open; the open round is {current} "
             f"(GET /v1/jobs/{spec.job} tells which)"
         )
-    if store.exists(seal_key(spec.job, r)):
+    if store.exists(closing_key(spec.job, r)):
         raise RoundNotOpen(f"round {r} is sealed and takes no more updates; wait for round {r + 1}")
 
 

@@ -33,6 +33,25 @@ resource "google_compute_subnetwork" "nodes" {
   }
 }
 
+# Nothing reaches the nodes unless a rule allows it: GKE adds, at higher priority, the rules its
+# control plane, health checks and load balancers (Kourier's) need. Explicit rather than implied,
+# so the network's policy reads here.
+resource "google_compute_firewall" "deny_ingress" {
+  name      = "${var.cluster_name}-deny-ingress"
+  network   = google_compute_network.microfl.id
+  direction = "INGRESS"
+  priority  = 65534
+
+  deny {
+    protocol = "all"
+  }
+  source_ranges = ["0.0.0.0/0"]
+
+  log_config {
+    metadata = "INCLUDE_ALL_METADATA"
+  }
+}
+
 # Private nodes still pull public images (Strimzi, Knative, Chaos Mesh): outbound through NAT.
 resource "google_compute_router" "nat" {
   name    = "${var.cluster_name}-nat"

@@ -65,37 +65,45 @@ locals {
     }
   }
 
+  # A KRaft quorum of 3 controllers, and 3 brokers for replication factor 3, one per zone.
   kafka_node_pools = [
-    for pool in [
-      { name = "controllers", role = "controller", size = 10, cpu = "250m", memory = "1Gi" },
-      { name = "brokers", role = "broker", size = var.kafka_broker_storage_gb, cpu = "500m", memory = "2Gi" },
-      ] : {
+    {
       apiVersion = "kafka.strimzi.io/v1beta2"
       kind       = "KafkaNodePool"
       metadata = {
-        name      = pool.name
+        name      = "controllers"
         namespace = local.kafka_namespace
         labels    = { "strimzi.io/cluster" = local.kafka_cluster }
       }
       spec = {
-        replicas = 3 # a KRaft quorum of 3 controllers; 3 brokers for replication factor 3
-        roles    = [pool.role]
+        replicas = 3
+        roles    = ["controller"]
+        storage = {
+          type    = "jbod"
+          volumes = [{ id = 0, type = "persistent-claim", size = "10Gi", deleteClaim = false }]
+        }
+        resources = { requests = { cpu = "250m", memory = "1Gi" }, limits = { memory = "1Gi" } }
+      }
+    },
+    {
+      apiVersion = "kafka.strimzi.io/v1beta2"
+      kind       = "KafkaNodePool"
+      metadata = {
+        name      = "brokers"
+        namespace = local.kafka_namespace
+        labels    = { "strimzi.io/cluster" = local.kafka_cluster }
+      }
+      spec = {
+        replicas = 3
+        roles    = ["broker"]
         storage = {
           type = "jbod"
-          volumes = [{
-            id            = 0
-            type          = "persistent-claim"
-            size          = "${pool.size}Gi"
-            deleteClaim   = false # data outlives a deleted Kafka resource
-            kraftMetadata = "shared"
-          }]
+          # deleteClaim false: the data outlives a deleted Kafka resource.
+          volumes = [{ id = 0, type = "persistent-claim", size = "${var.kafka_broker_storage_gb}Gi", deleteClaim = false }]
         }
-        resources = {
-          requests = { cpu = pool.cpu, memory = pool.memory }
-          limits   = { memory = pool.memory }
-        }
+        resources = { requests = { cpu = "500m", memory = "2Gi" }, limits = { memory = "2Gi" } }
       }
-    }
+    },
   ]
 
   kafka_topic_resources = [

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NAME", "markdown", "run"]
+__all__ = ["NAME", "markdown", "run", "targets"]
 
 NAME = "aggregate_memory"
 CLIENTS = (10, 100, 1000)
@@ -119,6 +119,19 @@ def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
         "target_ratio": TARGET_RATIO,
         "within_target": all(r["peak"] <= TARGET_RATIO for r in ratios.values()),
     }
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    first, last = result["config"]["clients"][0], result["config"]["clients"][-1]
+    return [
+        {
+            "target": f"{phase} peak RSS flat in clients, in process (<= "
+            f"{result['target_ratio']}x, {first:,} to {last:,})",
+            "measured": f"{ratio['peak']:.2f}x",
+            "met": ratio["peak"] <= result["target_ratio"],
+        }
+        for phase, ratio in result["ratios"].items()
+    ]
 
 
 def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:

@@ -29,12 +29,12 @@ from typing import Any
 
 import procstat
 
-__all__ = ["NAME", "markdown", "run"]
+__all__ = ["NAME", "markdown", "run", "targets"]
 
 NAME = "fold_throughput"
 SIZES = (100_000, 1_000_000, 10_000_000)
 DISTINCT_MB = 320
-QUICK_DISTINCT_MB = 96
+QUICK_DISTINCT_MB = 64
 REPEATS = 5
 QUICK_REPEATS = 2
 FAN_IN = 10
@@ -95,6 +95,18 @@ def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
     }
 
 
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "target": f"fold throughput >= {TARGET:.0%} of memcpy, {r['params'] / 1e6:g}M params",
+            "measured": f"{r['ratio']:.0%} ({r['gbps'][HEADLINE]:.2f} vs "
+            f"{r['gbps']['memcpy']:.2f} GB/s); patched {r['patched_ratio']:.0%}",
+            "met": r["ratio"] >= TARGET,
+        }
+        for r in result["runs"]
+    ]
+
+
 def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
     runs = result["runs"]
     cfg = result["config"]
@@ -117,9 +129,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         cells = " | ".join(f"{r['gbps'][key]:.2f}" for r in runs)
         lines.append(f"| {label} | {cells} |")
     lines.append(
-        "| aggregate path / memcpy | "
-        + " | ".join(f"**{r['ratio']:.0%}**" for r in runs)
-        + " |"
+        "| aggregate path / memcpy | " + " | ".join(f"**{r['ratio']:.0%}**" for r in runs) + " |"
     )
     lines.append(
         "| patched path / memcpy | " + " | ".join(f"{r['patched_ratio']:.0%}" for r in runs) + " |"
@@ -157,9 +167,9 @@ def _machine_line(result: dict[str, Any], machine: dict[str, Any]) -> str:
 
 def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, Any]:
     import numpy as np
-
     import patched
     import synth
+
     from microfl.aggregate import compute_partial
     from microfl.backends import Backends
     from microfl.bus import MemoryBus
@@ -273,9 +283,7 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
         "write_seconds": wrote,
         "seconds": times,
         "gbps": {name: total / min(ts) / 1e9 for name, ts in times.items()},
-        "gbps_median": {
-            name: total / sorted(ts)[len(ts) // 2] / 1e9 for name, ts in times.items()
-        },
+        "gbps_median": {name: total / sorted(ts)[len(ts) // 2] / 1e9 for name, ts in times.items()},
         "identical_partials": True,
         "vm_hwm_mib": procstat.status_mib("VmHWM"),
     }

@@ -65,10 +65,12 @@ def _high(consumer: Any, tp: Any, timeout: float = 30.0) -> int:
 
 
 def traffic(bootstrap: str, before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
-    """Records and bytes per topic between two watermark snapshots."""
+    """Records and bytes per topic between two watermark snapshots, and when the first and last
+    record of each event type was produced (broker timestamps, wall-clock seconds)."""
     from confluent_kafka import TopicPartition
 
     per_topic: dict[str, dict[str, int]] = {}
+    times: dict[str, tuple[float, float]] = {}
     wanted = []
     for tp, high in after.items():
         topic, p = tp.rsplit("/", 1)
@@ -97,6 +99,10 @@ def traffic(bootstrap: str, before: dict[str, int], after: dict[str, int]) -> di
                 entry = per_topic[msg.topic()]
                 entry["records"] += 1
                 entry["bytes"] += size
+                kind = dict(msg.headers() or []).get("ce_type", b"").decode() or msg.topic()
+                stamp = msg.timestamp()[1] / 1000
+                first, last = times.get(kind, (stamp, stamp))
+                times[kind] = (min(first, stamp), max(last, stamp))
                 if msg.offset() + 1 >= high:
                     del left[key]
     finally:
@@ -106,4 +112,5 @@ def traffic(bootstrap: str, before: dict[str, int], after: dict[str, int]) -> di
         "records": sum(t["records"] for t in per_topic.values()),
         "bytes": sum(t["bytes"] for t in per_topic.values()),
         "complete": not wanted or not left,
+        "produced": {k: {"first": a, "last": b} for k, (a, b) in sorted(times.items())},
     }

@@ -16,10 +16,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import requests
-
 import procstat
+import requests
 import synth
+
 from microfl.tokens import issue_token
 
 __all__ = ["post_all", "summarise"]

@@ -12,7 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS", "machine", "write_json", "write_section"]
+__all__ = ["RESULTS", "machine", "read_json", "write_json", "write_section"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TITLE = (
@@ -32,6 +32,7 @@ def machine() -> dict[str, Any]:
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "memory_total_mib": round(memory / 2**20),
+        "loadavg": [round(v, 2) for v in os.getloadavg()],
         "python": platform.python_version(),
         "numpy": version("numpy"),
         "platform": platform.platform(),
@@ -43,14 +44,22 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def write_section(path: Path, name: str, markdown: str) -> None:
-    """Put markdown in the file's section `name`: replaced if there, appended if not."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_section(path: Path, name: str, markdown: str, first: bool = False) -> None:
+    """Put markdown in the file's section `name`: replaced if there; if not, appended, or put
+    right after the title with first=True."""
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}\n"
     text = path.read_text() if path.exists() else TITLE
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text, count=1)
+    elif first and TITLE.strip() in text:
+        head = text.index(TITLE.strip()) + len(TITLE.strip())
+        text = text[:head] + "\n\n" + block + "\n" + text[head:].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,21 +25,20 @@ import math
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import procstat
 
-__all__ = ["NAME", "markdown", "run"]
+__all__ = ["NAME", "markdown", "run", "targets"]
 
 NAME = "round_latency"
 CLIENTS = (100, 1000, 5000)
-QUICK_CLIENTS = (100,)
+QUICK_CLIENTS = (50,)
+PATCHED = (100, 1000, 5000)  # also run with the changes of patched.py (localplat.patches)
+QUICK_PATCHED = (50,)
 PARAMS = 1_000_000
 FAN_IN = 10
 THREADS = 16
@@ -62,19 +61,20 @@ def run(
     threads: int = THREADS,
 ) -> dict[str, Any]:
     sizes = clients or (QUICK_CLIENTS if quick else CLIENTS)
+    plan = [{"clients": n, "variant": "as is"} for n in sizes]
+    plan += [
+        {"clients": n, "variant": "patched"}
+        for n in (QUICK_PATCHED if quick else PATCHED)
+        if n in sizes
+    ]
     tmp = Path(tempfile.mkdtemp(prefix="microfl-rounds-", dir=workdir or _default_workdir()))
     try:
         result = procstat.run_step(
-            Path(__file__),
-            "host",
-            str(tmp),
-            ",".join(map(str, sizes)),
-            str(fan_in),
-            str(threads),
+            Path(__file__), "host", str(tmp), json.dumps(plan), str(fan_in), str(threads)
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = [r for r in result["runs"] if "skipped" not in r]
+    rows = [r for r in result["runs"] if "skipped" not in r and r["variant"] == "as is"]
     flat = {}
     if len(rows) >= 2:
         first, last = rows[0], rows[-1]
@@ -94,7 +94,7 @@ def run(
             "threads": threads,
             "store": "FileStore on the work directory's disk",
             "kafka": "1 KRaft node (microfl.local.kafka)",
-            "manifests": "knative/ as is (min-scale 0)",
+            "manifests": "knative/ (min-scale 0; a consumer group of its own per run)",
         },
         "runs": result["runs"],
         "flat_ratio": flat,
@@ -120,25 +120,28 @@ def _default_workdir() -> Path:
 # --- the host process --------------------------------------------------------------------------
 
 
-def host(workdir: Path, sizes: list[int], fan_in: int, threads: int) -> dict[str, Any]:
-    from microfl.local.kafka import KafkaCluster
+def host(workdir: Path, plan: list[dict[str, Any]], fan_in: int, threads: int) -> dict[str, Any]:
+    import localplat
 
-    kafka = KafkaCluster(workdir / "kafka", logdir=workdir / "logs").start()
-    procstat.log(NAME, f"Kafka up at {kafka.bootstrap}")
     runs = []
-    try:
-        for n in sizes:
-            runs.append(_round(workdir, kafka, n, fan_in, threads))
-    finally:
-        kafka.stop()
+    with localplat.kafka(workdir) as kafka:
+        procstat.log(NAME, f"Kafka at {kafka.bootstrap}")
+        for step in plan:
+            with localplat.patches(step["variant"] == "patched"):
+                row = _round(workdir, kafka, step["clients"], fan_in, threads, step["variant"])
+            runs.append({**row, "variant": step["variant"]})
     return {"runs": runs}
 
 
-def _round(workdir: Path, kafka: Any, n: int, fan_in: int, threads: int) -> dict[str, Any]:
+def _round(
+    workdir: Path, kafka: Any, n: int, fan_in: int, threads: int, variant: str
+) -> dict[str, Any]:
     import kafka_meter
+    import localplat
     import synth
+
     from microfl.jobs import JobSpec, create_job, model_key, partials_prefix, record_key, seal_key
-    from microfl.local.runtime import LocalRuntime
+    from microfl.local import runtime as runtime_module
     from microfl.serde import json_from_bytes, tensors_from_safetensors, tensors_to_safetensors
     from microfl.store import FileStore
 
@@ -158,52 +161,23 @@ def _round(workdir: Path, kafka: Any, n: int, fan_in: int, threads: int) -> dict
     )  # fmt: skip
     create_job(store, spec, tensors_to_safetensors(base))
     secret = secrets.token_urlsafe(24)
-    runtime = LocalRuntime(
-        store.url, kafka.bootstrap, secret, workdir / f"runtime-{n}", idle_window=IDLE_WINDOW
+    tag = f"{n}-{variant.replace(' ', '-')}-{secrets.token_hex(3)}"
+    runtime = runtime_module.LocalRuntime(
+        store.url,
+        kafka.bootstrap,
+        secret,
+        workdir / f"runtime-{tag}",
+        manifests=localplat.edit_manifests(workdir / f"knative-{tag}", {}, group=tag),
+        idle_window=IDLE_WINDOW,
     )
-    sampler = procstat.ProcessSampler()
-    stop = threading.Event()
-
-    def roles() -> list[tuple[str, int]]:
-        found = [(p["role"], int(p["pid"])) for p in runtime.processes()]
-        return found + [("kafka", pid) for pid in kafka.pids()]
-
-    def sample_loop() -> None:
-        while not stop.wait(SAMPLE):
-            sampler.sample(roles())
-
     runtime.start()
     try:
         topics = kafka_meter.platform_topics()
         before = kafka_meter.watermarks(kafka.bootstrap, topics)
-        sampler.sample(roles())
-        sampler.mark()
-        host_cpu = procstat.cpu_seconds() or 0.0
-        thread = threading.Thread(target=sample_loop, daemon=True)
-        thread.start()
-        procstat.log(NAME, f"N={n}: posting {n} updates of {model_bytes / 1e6:.0f} MB")
+        sampled = localplat.Sampled(runtime, kafka.pids(), SAMPLE).start()
+        procstat.log(NAME, f"N={n} ({variant}): posting {n} updates of {model_bytes / 1e6:.0f} MB")
         started = time.time()
-        posted = subprocess.run(
-            [
-                sys.executable,
-                str(HERE / "loadgen.py"),
-                runtime.ingest_url,
-                job,
-                "--clients",
-                str(n),
-                "--params",
-                str(PARAMS),
-                "--threads",
-                str(threads),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "MICROFL_SECRET": secret},
-            check=False,
-        )
-        if posted.returncode != 0:
-            raise RuntimeError(f"loadgen exited with {posted.returncode}")
-        clients: dict[str, Any] = json.loads(posted.stdout.strip().splitlines()[-1])
+        clients = localplat.loadgen(runtime.ingest_url, job, n, PARAMS, threads, secret)
         if clients["accepted"] != n:
             raise RuntimeError(
                 f"N={n}: {clients['accepted']} of {n} updates accepted: {clients['statuses']} "
@@ -222,10 +196,7 @@ def _round(workdir: Path, kafka: Any, n: int, fan_in: int, threads: int) -> dict
             time.sleep(0.02)
         seen_at = time.time()
         time.sleep(1.0)  # round.committed is published right after the record is written
-        stop.set()
-        thread.join()
-        sampler.sample(roles())
-        host_cpu = (procstat.cpu_seconds() or 0.0) - host_cpu
+        seen = sampled.stop()
         after = kafka_meter.watermarks(kafka.bootstrap, topics)
         record = json_from_bytes(store.read(record_key(job, 1)) or b"{}")
         seal = json_from_bytes(store.read(seal_key(job, 1)) or b"{}")
@@ -238,23 +209,11 @@ def _round(workdir: Path, kafka: Any, n: int, fan_in: int, threads: int) -> dict
             float(abs(model[k].astype("float64") - exact[k]).max() / abs(exact[k]).max())
             for k in exact
         )
-        counters = {
-            d.source.group: {
-                k: getattr(d.counters, k) for k in ("delivered", "retried", "dead_lettered", "lost")
-            }
-            for d in runtime.dispatchers
-        }
-        services = {
-            name: {"peak_instances": s.peak_instances, "cold_starts": s.cold_starts}
-            for name, s in runtime.services.items()
-        }
     finally:
-        stop.set()
         runtime.stop()
         shutil.rmtree(root, ignore_errors=True)
     committed = float(record["committed_at"])
     last = float(clients["last_202"])
-    procs = sampler.processes()
     duration = committed - started
     traffic = kafka_meter.traffic(kafka.bootstrap, before, after)
     row = {
@@ -276,16 +235,9 @@ def _round(workdir: Path, kafka: Any, n: int, fan_in: int, threads: int) -> dict
         "included": len(record.get("included", [])),
         "excluded": len(record.get("excluded", [])),
         "max_relative_error": error,
-        "processes": procs,
-        "peak_mib": _peaks(procs),
-        "cpu_s": {
-            **_cpu(procs),
-            "runtime host (proxies, dispatchers)": host_cpu,
-            "load generator": clients.get("cpu_s"),
-        },
-        "instances": {role: len({p["root"] for p in procs if p["role"] == role}) for role in ROLES},
-        "services": services,
-        "dispatch": counters,
+        **seen,
+        "delivered": _drained(sampled.progress, last),
+        "cpu_s": {**seen["cpu_s"], "load generator": clients.get("cpu_s")},
         "kafka": {
             **traffic,
             "seconds": duration,
@@ -304,22 +256,51 @@ def _round(workdir: Path, kafka: Any, n: int, fan_in: int, threads: int) -> dict
     return row
 
 
-def _peaks(procs: list[dict[str, Any]]) -> dict[str, float]:
-    """Largest VmHWM of any one process of each role (a worker is where requests run)."""
-    out: dict[str, float] = {}
-    for p in procs:
-        out[p["role"]] = max(out.get(p["role"], 0.0), p["vm_hwm_mib"])
-    return out
-
-
-def _cpu(procs: list[dict[str, Any]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for p in procs:
-        out[p["role"]] = out.get(p["role"], 0.0) + p.get("cpu_s", 0.0)
-    return out
+def _drained(progress: list[tuple[float, dict[str, int]]], last: float) -> dict[str, Any]:
+    """Events each KafkaSource had delivered when the last 202 arrived, and when (seconds after
+    it) it delivered its last event of the round."""
+    at_last = {}
+    done: dict[str, float] = {}
+    final = progress[-1][1] if progress else {}
+    for stamp, delivered in progress:
+        if stamp <= last:
+            at_last = delivered
+        for group, count in delivered.items():
+            if count == final.get(group) and group not in done:
+                done[group] = stamp - last
+    return {"at_last_202": at_last, "final": final, "last_delivery_after_s": done}
 
 
 # --- report ------------------------------------------------------------------------------------
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    t = result["targets"]
+    out = []
+    for r in result["runs"]:
+        if "skipped" in r or r["clients"] != t["latency_clients"]:
+            continue
+        total = r["latency"]["total"]
+        out.append(
+            {
+                "target": f"round latency after the last update < {t['latency_s']:g} s, "
+                f"{r['clients']:,} clients x 1M ({r['variant']})",
+                "measured": f"{total:.2f} s",
+                "met": total < t["latency_s"],
+            }
+        )
+    plain = [r for r in result["runs"] if "skipped" not in r and r["variant"] == "as is"]
+    for role, ratio in result["flat_ratio"].items():
+        out.append(
+            {
+                "target": f"{role} peak RSS flat in clients (<= {t['flat_ratio']}x, "
+                f"{plain[0]['clients']:,} to {plain[-1]['clients']:,})",
+                "measured": f"{ratio:.2f}x ({plain[0]['peak_mib'][role]:.0f} -> "
+                f"{plain[-1]['peak_mib'][role]:.0f} MiB)",
+                "met": ratio <= t["flat_ratio"],
+            }
+        )
+    return out
 
 
 def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
@@ -338,46 +319,51 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         f"{SAMPLE} s. Instances start from zero, so the aggregate instances' cold starts are "
         "inside the latency.",
         "",
-        "| clients | chunks | posting s | updates/s | p50 / p95 ms | **latency s** | to seal "
-        "| seal to 1st partial | partials | last partial to commit | max rel. error |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| code | clients | chunks | posting s | updates/s | p50 / p95 ms | **latency s** "
+        "| to seal | seal to 1st partial | partials | last partial to commit | finalize events "
+        "left at last 202 | max rel. error |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for r in rows:
         lat, post = r["latency"], r["post"]
+        left = r["delivered"]["final"].get("microfl-finalize", 0) - r["delivered"][
+            "at_last_202"
+        ].get("microfl-finalize", 0)
         lines.append(
-            f"| {r['clients']:,} | {r['chunks']} | {post['seconds']:.1f} "
+            f"| {r['variant']} | {r['clients']:,} | {r['chunks']} | {post['seconds']:.1f} "
             f"| {post['updates_per_s']:.1f} | {post['p50_s'] * 1e3:.0f} / "
             f"{post['p95_s'] * 1e3:.0f} | **{lat['total']:.2f}** | {lat['to_seal']:.2f} "
             f"| {_f(lat['seal_to_first_partial'])} | {_f(lat['partials'])} "
-            f"| {_f(lat['last_partial_to_commit'])} | {r['max_relative_error']:.1e} |"
+            f"| {_f(lat['last_partial_to_commit'])} | {left} | {r['max_relative_error']:.1e} |"
         )
     lines += [
         "",
         "Peak RSS (MiB, largest process of the role), instances, and CPU seconds used during "
         "the round:",
         "",
-        "| clients | ingest | finalize | aggregate | instances i/f/a | CPU s: ingest | finalize "
-        "| aggregate | Kafka | runtime host | load generator |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| code | clients | ingest | finalize | aggregate | instances i/f/a | CPU s: ingest "
+        "| finalize | aggregate | Kafka | runtime host | load generator |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         pk, cpu, inst = r["peak_mib"], r["cpu_s"], r["instances"]
-        lines.append(
-            f"| {r['clients']:,} | {_f(pk.get('ingest'), 0)} | {_f(pk.get('finalize'), 0)} "
-            f"| {_f(pk.get('aggregate'), 0)} | {inst['ingest']}/{inst['finalize']}/"
-            f"{inst['aggregate']} | {_f(cpu.get('ingest'), 1)} | {_f(cpu.get('finalize'), 1)} "
-            f"| {_f(cpu.get('aggregate'), 1)} | {_f(cpu.get('kafka'), 1)} "
-            f"| {_f(cpu.get('runtime host (proxies, dispatchers)'), 1)} "
-            f"| {_f(cpu.get('load generator'), 1)} |"
-        )
+        cells = [r["variant"], f"{r['clients']:,}"]
+        cells += [_f(pk.get(role), 0) for role in ROLES]
+        cells.append("/".join(str(inst.get(role, 0)) for role in ROLES))
+        cells += [_f(cpu.get(role), 1) for role in (*ROLES, "kafka")]
+        cells += [_f(cpu.get("runtime host (proxies, dispatchers)"), 1)]
+        cells += [_f(cpu.get("load generator"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Kafka broker throughput during the round (the paper's software metric): records and "
         "bytes (key + value + headers) produced to the platform topics from the first post to "
         "the commit, over that time.",
         "",
-        "| clients | round s | records | records/s | bytes | bytes/s | per topic (records) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| code | clients | round s | records | records/s | bytes | bytes/s "
+        "| per topic (records) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         k = r["kafka"]
@@ -385,7 +371,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"{t} {v['records']}" for t, v in sorted(k["topics"].items()) if v["records"]
         )
         lines.append(
-            f"| {r['clients']:,} | {k['seconds']:.1f} | {k['records']:,} "
+            f"| {r['variant']} | {r['clients']:,} | {k['seconds']:.1f} | {k['records']:,} "
             f"| {k['records_per_s']:.1f} | {k['bytes']:,} | {k['bytes_per_s'] / 1e3:.1f} k "
             f"| {topics} |"
         )
@@ -394,18 +380,19 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             lines.append(f"\n{r['clients']:,} clients: skipped ({r['skipped']}).")
     t = result["targets"]
     at = [r for r in rows if r["clients"] == t["latency_clients"]]
-    lines += ["", "Targets:"]
+    lines += ["", "Targets (code as is; *patched* rows show what the changes would give):"]
     for r in at:
         total = r["latency"]["total"]
         verdict = "met" if total <= t["latency_s"] else f"MISSED by {total - t['latency_s']:.1f} s"
         lines.append(
-            f"- latency after the last update at {r['clients']:,} clients: {total:.2f} s "
-            f"(target < {t['latency_s']:g} s: {verdict})."
+            f"- latency after the last update at {r['clients']:,} clients ({r['variant']}): "
+            f"{total:.2f} s (target < {t['latency_s']:g} s: {verdict})."
         )
     if not at:
         lines.append(f"- latency at {t['latency_clients']:,} clients: not measured in this run.")
     if result["flat_ratio"]:
-        first, last = rows[0]["clients"], rows[-1]["clients"]
+        plain = [r for r in rows if r["variant"] == "as is"]
+        first, last = plain[0]["clients"], plain[-1]["clients"]
         for role, ratio in result["flat_ratio"].items():
             verdict = "met" if ratio <= t["flat_ratio"] else "MISSED"
             lines.append(
@@ -430,12 +417,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["host"])
     parser.add_argument("workdir", type=Path)
-    parser.add_argument("clients")
+    parser.add_argument("plan", help='JSON: [{"clients": N, "variant": "as is"|"patched"}]')
     parser.add_argument("fan_in", type=int)
     parser.add_argument("threads", type=int)
     args = parser.parse_args(argv)
-    sizes = [int(v) for v in args.clients.split(",")]
-    procstat.emit(host(args.workdir, sizes, args.fan_in, args.threads))
+    procstat.emit(host(args.workdir, json.loads(args.plan), args.fan_in, args.threads))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,10 @@ class Updates:
             weights[i % len(self.pool)] += n
         total = weights.sum()
         return {
-            name: sum(w * p[name].astype(np.float64) for w, p in zip(weights, self.pool)) / total
+            name: sum(
+                w * p[name].astype(np.float64) for w, p in zip(weights, self.pool, strict=True)
+            )
+            / total
             for name in self.pool[0]
         }
 

@@ -243,6 +243,20 @@ class KafkaCluster:
         if wait:
             self.wait_ready(timeout)
 
+    def active_controller(self) -> int | None:
+        """The KRaft quorum leader: the node that last logged becoming Leader (DescribeCluster
+        answers a random broker in KRaft mode, so the logs are the honest source here)."""
+        latest: tuple[str, int] | None = None
+        for node in self.members:
+            if not node.alive or not node.log_path.is_file():
+                continue
+            for line in node.log_path.read_text(errors="replace").splitlines():
+                if f"[RaftManager id={node.node_id}] Completed transition to Leader" in line:
+                    stamp = line[: line.index("]") + 1]
+                    if latest is None or stamp > latest[0]:
+                        latest = (stamp, node.node_id)
+        return latest[1] if latest else None
+
     def pids(self) -> list[int]:
         return [n.proc.pid for n in self.members if n.proc is not None and n.alive]
 

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class LocalRuntime:
     idle_window: float = 30.0
     env_extra: dict[str, str] = field(default_factory=dict)
     replication: int = 1
+    wrap_sink: Callable[[str], str] | None = None  # fault tests put a proxy before each sink
     services: dict[str, ServiceRunner] = field(default_factory=dict)
     dispatchers: list[Dispatcher] = field(default_factory=list)
     platform: Platform | None = None
@@ -86,7 +88,7 @@ class LocalRuntime:
                     self.bootstrap,
                     list(src.topics),
                     src.consumer_group,
-                    self.services[by_name[src.sink]].url,
+                    self._sink(self.services[by_name[src.sink]].url),
                     src.delivery,
                     ordering=src.ordering,
                     initial_offset=src.initial_offset,
@@ -101,6 +103,9 @@ class LocalRuntime:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _sink(self, url: str) -> str:
+        return self.wrap_sink(url) if self.wrap_sink else url
 
     def _log_to(self, path: Path) -> None:
         """Event delivery and Kafka client lines go to the runtime's log file, not the

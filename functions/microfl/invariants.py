@@ -1,0 +1,94 @@
+"""The invariant checker run after every fault scenario: from storage alone (and the answers the
+clients got), is every accepted update counted exactly once and every model right?"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from microfl.jobs import (
+    latest_version,
+    load_job,
+    model_key,
+    record_key,
+    round_opened_at,
+    update_key,
+    validate_update,
+)
+from microfl.serde import json_from_bytes, tensors_from_safetensors
+from microfl.store import ObjectStore
+
+__all__ = ["Verdict", "check_job"]
+
+
+@dataclass
+class Verdict:
+    rounds_committed: int
+    accepted: int
+    lost: list[str] = field(default_factory=list)  # "round/client" answered 2xx, in no record
+    double_counted: list[str] = field(default_factory=list)
+    wrong_models: list[str] = field(default_factory=list)
+    late_rounds: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.double_counted or self.wrong_models or self.late_rounds)
+
+
+def check_job(
+    store: ObjectStore,
+    job: str,
+    accepted: set[tuple[int, str]],
+    slack: float = 60.0,
+    rtol: float = 1e-6,
+) -> Verdict:
+    """`accepted`: the (round, client) pairs whose upload was answered 200 or 202."""
+    spec = load_job(store, job)
+    latest = latest_version(store, job)
+    verdict = Verdict(rounds_committed=latest, accepted=len(accepted))
+    listed: Counter[tuple[int, str]] = Counter()
+    for r in range(1, latest + 1):
+        data = store.read(record_key(job, r))
+        if data is None:
+            verdict.late_rounds.append(f"round {r}: model committed but no round record")
+            continue
+        record = json_from_bytes(data)
+        listed.update((r, c) for c in record["included"])
+        listed.update((r, e["client"]) for e in record["excluded"])
+        opened = round_opened_at(store, spec, r)
+        if opened is not None and record["committed_at"] - opened > spec.round_timeout + slack:
+            verdict.late_rounds.append(
+                f"round {r} committed {record['committed_at'] - opened:.0f}"
+                f"s after it opened (deadline {spec.round_timeout:g}s)"
+            )
+        if spec.strategy == "fedavg" and not _model_is_fedavg(store, job, r, record, rtol):
+            verdict.wrong_models.append(f"round {r}")
+    committed = {key for key in accepted if key[0] <= latest}
+    verdict.lost = sorted(f"{r}/{c}" for r, c in committed if listed[(r, c)] == 0)
+    verdict.double_counted = sorted(f"{r}/{c}" for (r, c), n in listed.items() if n > 1)
+    return verdict
+
+
+def _model_is_fedavg(store: ObjectStore, job: str, r: int, record: dict, rtol: float) -> bool:
+    """Recompute model r offline from the stored updates the record includes."""
+    spec = load_job(store, job)
+    total: dict[str, np.ndarray] = {}
+    weight = 0
+    for client in record["included"]:
+        tensors, metadata = tensors_from_safetensors(store.read(update_key(job, r, client)) or b"")
+        n = validate_update(spec, tensors, metadata)
+        weight += n
+        for name, arr in tensors.items():
+            total[name] = total.get(name, 0) + arr.astype(np.float64) * n
+    model, _ = tensors_from_safetensors(store.read(model_key(job, r)) or b"")
+    if weight == 0:
+        previous, _ = tensors_from_safetensors(store.read(model_key(job, r - 1)) or b"")
+        return all(np.array_equal(model[k], previous[k]) for k in model)
+    for name, arr in model.items():
+        want = total[name] / weight
+        scale = max(float(np.max(np.abs(want))), 1e-12)
+        if float(np.max(np.abs(arr.astype(np.float64) - want))) > rtol * scale:
+            return False
+    return True

@@ -1,0 +1,404 @@
+"""Local fault scenarios (`microfl chaos SCENARIO`): a real FL job on the 3-broker Kafka cluster
+(RF 3, min ISR 2) and the GCS emulator while faults are injected, then the invariant checker.
+
+Each scenario is seeded and bounded in time; clients are plain numpy clients over HTTP, so a
+scenario's updates depend only on the seed and the models committed before it, and a faulty
+run that includes the same updates must commit the same model bytes as the healthy run."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microfl.client import Client, ClientError
+from microfl.invariants import check_job
+from microfl.jobs import JobSpec, create_job, model_key, record_key, seal_key
+from microfl.local.gcs import FakeGcsServer
+from microfl.local.kafka import KafkaCluster
+from microfl.local.proxies import EventChaosProxy, SlowTcpProxy
+from microfl.local.runtime import LocalRuntime
+from microfl.serde import tensors_to_safetensors
+from microfl.store import GcsStore
+from microfl.tokens import issue_token
+
+__all__ = ["SCENARIOS", "ChaosEnv", "ScenarioResult", "report_markdown", "run_scenario"]
+
+SECRET = "microfl-chaos-secret-0123456789"
+
+
+@dataclass
+class ChaosEnv:
+    """The real parts every scenario shares: 3 Kafka nodes and the GCS emulator."""
+
+    workdir: Path
+    kafka: KafkaCluster | None = None
+    gcs: FakeGcsServer | None = None
+    bucket: str = ""
+
+    def start(self) -> ChaosEnv:
+        import os
+
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        self.kafka = KafkaCluster(
+            self.workdir / "kafka", nodes=3, logdir=self.workdir / "logs"
+        ).start()
+        self.gcs = FakeGcsServer(self.workdir / "logs").start()
+        os.environ["STORAGE_EMULATOR_HOST"] = self.gcs.url
+        self.bucket = f"chaos-{uuid.uuid4().hex[:8]}"
+        storage.Client(project="chaos", credentials=AnonymousCredentials()).create_bucket(
+            self.bucket
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.gcs is not None:
+            self.gcs.stop()
+        if self.kafka is not None:
+            self.kafka.stop()
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    rounds: int
+    rounds_committed: int
+    accepted: int
+    lost: int
+    double_counted: int
+    wrong_models: int
+    late_rounds: int
+    dead_letters: int
+    recovery_seconds: list[float]
+    faults: list[str]
+    model_sha256: str
+    seconds: float
+    equals_healthy: bool | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.rounds_committed == self.rounds
+
+
+@dataclass
+class Run:
+    """What a fault function can touch while the clients train."""
+
+    env: ChaosEnv
+    runtime: LocalRuntime
+    store: GcsStore
+    job: str
+    skew_file: Path
+    round_started: list[threading.Event]
+    round_posted: list[threading.Event]
+    sealed: Callable[[int], bool]
+    faults: list[tuple[str, float, float]] = field(default_factory=list)  # what, start, end
+
+    def fault(self, what: str, started: float) -> None:
+        self.faults.append((what, started, time.monotonic()))
+
+
+# --- the scenarios -------------------------------------------------------------------------
+
+
+def _kill_functions(run: Run) -> None:
+    run.round_started[1].wait(120)
+    time.sleep(0.3)
+    start = time.monotonic()
+    run.runtime.services["ingest"].kill_all()
+    run.fault("ingest SIGKILLed while clients post", start)
+    _wait(lambda: run.sealed(2), 120)
+    for target in ("aggregate", "finalize"):
+        start = time.monotonic()
+        run.runtime.services[target].kill_all()
+        run.fault(f"{target} SIGKILLed after the seal", start)
+
+
+def _kill_brokers(run: Run) -> None:
+    kafka = run.env.kafka
+    assert kafka is not None
+    run.round_started[0].wait(120)
+    start = time.monotonic()
+    kafka.kill(2)
+    time.sleep(5)
+    kafka.restart(2)
+    run.fault("broker 2 SIGKILLed, back after 5 s", start)
+    run.round_started[1].wait(120)
+    victim = kafka.active_controller() or 1
+    start = time.monotonic()
+    kafka.kill(victim)
+    time.sleep(5)
+    kafka.restart(victim)
+    run.fault(f"controller node {victim} SIGKILLed, back after 5 s", start)
+
+
+def _stall_store(run: Run) -> None:
+    gcs = run.env.gcs
+    assert gcs is not None
+    run.round_started[1].wait(120)
+    time.sleep(0.3)
+    start = time.monotonic()
+    gcs.pause()
+    time.sleep(4)
+    gcs.resume()
+    run.fault("object store stalled (SIGSTOP) for 4 s", start)
+
+
+def _jump_clock(run: Run) -> None:
+    for r, posted in enumerate(run.round_posted, 1):
+        posted.wait(240)  # every client has posted; the quorum is out of reach by design
+        start = time.monotonic()
+        run.skew_file.write_text(str(r * (JUMP_TIMEOUT + 5)))
+        run.fault(f"round {r}: clock jumped 5 s past the deadline", start)
+
+
+JUMP_TIMEOUT = 3600.0
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "healthy": {"fault": None},
+    "function-kill": {"fault": _kill_functions},
+    "broker-kill": {"fault": _kill_brokers},
+    "store-stall": {"fault": _stall_store},
+    "store-slow": {"slow_store": 0.003},
+    "event-chaos": {"event_chaos": True},
+    "client-retry": {"client_timeout": 0.15},
+    "clock-jump": {"fault": _jump_clock, "quorum_extra": 1, "round_timeout": JUMP_TIMEOUT},
+}
+
+
+def _wait(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# --- running one -------------------------------------------------------------------------------
+
+
+def run_scenario(
+    env: ChaosEnv,
+    name: str,
+    seed: int = 0,
+    clients: int = 8,
+    rounds: int = 3,
+    say: Callable[[str], None] = print,
+) -> ScenarioResult:
+    options = SCENARIOS[name]
+    t0 = time.monotonic()
+    work = env.workdir / name
+    work.mkdir(parents=True, exist_ok=True)
+    skew = work / "clock-skew"
+    skew.write_text("0")
+    env_extra = {"MICROFL_CLOCK_SKEW_FILE": str(skew)}
+    slow = None
+    if options.get("slow_store"):
+        assert env.gcs is not None
+        slow = SlowTcpProxy(("127.0.0.1", env.gcs.port), options["slow_store"])
+        env_extra["STORAGE_EMULATOR_HOST"] = slow.url
+    wrap = None
+    proxies: list[EventChaosProxy] = []
+    if options.get("event_chaos"):
+
+        def wrap(url: str) -> str:
+            proxy = EventChaosProxy(url, seed + len(proxies))
+            proxies.append(proxy)
+            return proxy.url
+
+    store = GcsStore(env.bucket)
+    rng = np.random.default_rng(seed)
+    model = {"w": rng.standard_normal((32, 16)).astype(np.float32), "b": np.zeros(16, np.float32)}
+    job = f"{name}-{seed}-{uuid.uuid4().hex[:6]}"
+    spec = JobSpec.for_model(
+        job,
+        model,
+        rounds=rounds,
+        min_clients=clients + options.get("quorum_extra", 0),
+        round_timeout=options.get("round_timeout", 120.0),
+        fan_in=3,
+        created_at=time.time(),
+    )
+    create_job(store, spec, tensors_to_safetensors(model))
+    assert env.kafka is not None
+    runtime = LocalRuntime(
+        store.url,
+        env.kafka.bootstrap,
+        SECRET,
+        work,
+        ping_interval=1.0,
+        env_extra=env_extra,
+        replication=3,
+        wrap_sink=wrap,
+    ).start()
+    run = Run(
+        env,
+        runtime,
+        store,
+        job,
+        skew,
+        [threading.Event() for _ in range(rounds)],
+        [threading.Event() for _ in range(rounds)],
+        lambda r: store.exists(seal_key(job, r)),
+    )
+    faulter = None
+    if options.get("fault"):
+        faulter = threading.Thread(target=options["fault"], args=(run,), daemon=True)
+        faulter.start()
+    accepted: set[tuple[int, str]] = set()
+    commits: list[float] = []
+    problems: list[str] = []
+    try:
+        say(f"[{name}] job {job}: {clients} clients x {rounds} rounds")
+        timeout = options.get("client_timeout", 60.0)
+        users = [
+            Client(
+                runtime.ingest_url,
+                job,
+                issue_token(SECRET.encode(), job, f"c{i}"),
+                retries=12,
+                backoff=0.3,
+                timeout=timeout,
+            )
+            for i in range(clients)
+        ]
+        for r in range(1, rounds + 1):
+            run.round_started[r - 1].set()
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(partial(_post, r=r, seed=seed), users, range(clients)))
+            accepted |= {(r, f"c{i}") for i, ok in enumerate(answers) if ok}
+            run.round_posted[r - 1].set()
+            if not _wait(partial(store.exists, record_key(job, r)), 240):
+                problems.append(f"round {r} did not commit within 240 s")
+                break
+            commits.append(time.monotonic())
+            say(f"[{name}] round {r} committed after {time.monotonic() - t0:.1f}s")
+        if faulter is not None:
+            faulter.join(timeout=120)
+    finally:
+        runtime.stop()
+        for proxy in proxies:
+            proxy.close()
+        if slow is not None:
+            slow.close()
+    verdict = check_job(store, job, accepted)
+    dead = _dead_letters(env, job)
+    problems += [f"lost {x}" for x in verdict.lost] + [
+        f"double {x}" for x in verdict.double_counted
+    ]
+    problems += [f"model of {x} is not the FedAvg of its updates" for x in verdict.wrong_models]
+    problems += verdict.late_rounds + [f"{dead} unexplained dead-lettered event(s)"] * (dead > 0)
+    # Recovery: from a fault's end to the first commit after it began (0: no disruption seen).
+    recovery = [
+        round(max(0.0, min((c for c in commits if c >= start), default=end) - end), 2)
+        for _, start, end in run.faults
+    ]
+    conditions = {
+        "slow_store": f"every object-store chunk delayed {options.get('slow_store')} s",
+        "event_chaos": f"events delayed up to 0.3 s; {sum(p.duplicates for p in proxies)} "
+        "delivered twice, late and out of order",
+        "client_timeout": f"client timeout {options.get('client_timeout')} s: requests time "
+        "out and are retried",
+    }
+    described = [text for key, text in conditions.items() if options.get(key)]
+    final = store.read(model_key(job, verdict.rounds_committed)) or b""
+    return ScenarioResult(
+        name,
+        rounds,
+        verdict.rounds_committed,
+        len(accepted),
+        len(verdict.lost),
+        len(verdict.double_counted),
+        len(verdict.wrong_models),
+        len(verdict.late_rounds),
+        dead,
+        recovery,
+        described + [what for what, _, _ in run.faults],
+        hashlib.sha256(final).hexdigest(),
+        round(time.monotonic() - t0, 1),
+        problems=problems,
+    )
+
+
+def _post(client: Client, i: int, r: int, seed: int) -> bool:
+    """Train (here: a seeded perturbation of the global model) and post; True when accepted."""
+    while True:
+        try:
+            model, version = client.model()
+            if version != r - 1:
+                time.sleep(0.2)
+                continue
+            noise = np.random.default_rng([seed, r, i])
+            update = {
+                k: (v + noise.standard_normal(v.shape)).astype(v.dtype) for k, v in model.items()
+            }
+            answer = client.post_update(r, update, int(10 + noise.integers(1, 90)))
+            return answer["status"] in ("accepted", "replay")
+        except ClientError as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+
+def _dead_letters(env: ChaosEnv, job: str) -> int:
+    from confluent_kafka import Consumer
+
+    assert env.kafka is not None
+    consumer = Consumer(
+        {
+            "bootstrap.servers": env.kafka.bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe(["microfl.aggregate.dlq", "microfl.finalize.dlq"])
+    count = 0
+    idle = time.monotonic() + 5
+    while time.monotonic() < idle:
+        for msg in consumer.consume(100, 0.5):
+            if msg.error() is None:
+                idle = time.monotonic() + 2
+                with contextlib.suppress(ValueError, AttributeError):
+                    count += json.loads(msg.value() or b"{}").get("job") == job
+    consumer.close()
+    return count
+
+
+def report_markdown(results: list[ScenarioResult]) -> str:
+    lines = [
+        "| scenario | rounds committed | updates accepted | lost | double-counted | models = "
+        "offline FedAvg | model = healthy run | dead letters | recovery after each fault (s) "
+        "| time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- | ---: |",
+    ]
+    for res in results:
+        same = {None: "n/a", True: "yes", False: "NO"}[res.equals_healthy]
+        recovery = ", ".join(f"{s:g}" for s in res.recovery_seconds) or "-"
+        lines.append(
+            f"| {res.name} | {res.rounds_committed}/{res.rounds} | {res.accepted} | {res.lost} "
+            f"| {res.double_counted} | {'yes' if not res.wrong_models else 'NO'} | {same} "
+            f"| {res.dead_letters} | {recovery} | {res.seconds:g} |"
+        )
+    lines.append("")
+    for res in results:
+        lines.append(
+            f"- **{res.name}**: {'; '.join(res.faults) or 'no fault'}"
+            + (f". PROBLEMS: {'; '.join(res.problems)}" if res.problems else "")
+        )
+    return "\n".join(lines) + "\n"

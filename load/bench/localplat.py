@@ -1,0 +1,212 @@
+"""The local platform as the platform benchmarks drive it: a LocalRuntime with edited manifests,
+its processes sampled while it runs, the load generator as a child process, and (for the
+*patched* variant) the changes of patched.py put in place: in this process for the event
+dispatcher, and in every function instance through patched_main.py.
+
+Imported by host processes only (it imports microfl.local, hence numpy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import procstat
+
+from microfl.local import dispatcher as dispatcher_module
+from microfl.local import runtime as runtime_module
+from microfl.local.procs import repo_root
+from microfl.local.runtime import LocalRuntime
+from microfl.local.serving import ServiceRunner
+
+__all__ = ["Sampled", "edit_manifests", "kafka", "loadgen", "patches"]
+
+HERE = Path(__file__).resolve().parent
+SCALE = "autoscaling.knative.dev/"
+
+
+def edit_manifests(dest: Path, annotations: dict[str, dict[str, str]], group: str = "") -> Path:
+    """A copy of knative/ in dest with Service annotations replaced, e.g.
+    {"ingest": {"min-scale": "1", "max-scale": "1"}}; returns dest. With group, every
+    KafkaSource gets consumer group `{its group}-{group}` starting at the latest offset, so a
+    runtime does not inherit events an earlier runtime on the same broker left unconsumed."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(repo_root() / "knative", dest)
+    if group:
+        path = dest / "sources.yaml"
+        text, n = re.subn(r"(consumerGroup:\s*)(\S+)", rf"\g<1>\g<2>-{group}", path.read_text())
+        text, m = re.subn(r"(initialOffset:\s*)earliest", r"\g<1>latest", text)
+        if not n or n != m:
+            raise ValueError(f"{path}: expected a consumerGroup and initialOffset per source")
+        path.write_text(text)
+    for function, values in annotations.items():
+        path = dest / f"{function}.yaml"
+        text = path.read_text()
+        for key, value in values.items():
+            text, n = re.subn(
+                rf'({re.escape(SCALE + key)}:\s*)"[^"]*"', lambda m, v=value: f'{m[1]}"{v}"', text
+            )
+            if n != 1:
+                raise ValueError(f"{path.name}: no single {SCALE}{key} annotation to edit")
+        path.write_text(text)
+    return dest
+
+
+@contextmanager
+def kafka(workdir: Path) -> Any:
+    """The broker run.py started for all platform benchmarks (MICROFL_KAFKA_BOOTSTRAP and
+    MICROFL_BENCH_KAFKA_PID), or a new one in workdir for the duration."""
+    bootstrap = os.environ.get("MICROFL_KAFKA_BOOTSTRAP")
+    if bootstrap:
+        pid = int(os.environ.get("MICROFL_BENCH_KAFKA_PID") or 0)
+        yield SimpleNamespace(bootstrap=bootstrap, pids=lambda: [pid] if pid else [])
+        return
+    from microfl.local.kafka import KafkaCluster
+
+    cluster = KafkaCluster(workdir / "kafka", logdir=workdir / "logs").start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@contextmanager
+def patches(enabled: bool) -> Any:
+    """With enabled, the dispatcher's loop step, the runtime's proxy and every function
+    instance (source patched_main.py) run the changes of patched.py, for the runtimes started
+    inside (ServiceRunners built later keep the patched proxy handler)."""
+    if not enabled:
+        yield
+        return
+    import patched
+
+    step = dispatcher_module._Member._step
+    runner = runtime_module.ServiceRunner
+    handler = ServiceRunner._handler_class
+    dispatcher_module._Member._step = patched.dispatcher_step  # type: ignore[method-assign]
+    ServiceRunner._handler_class = patched.proxy_handler(handler)  # type: ignore[method-assign]
+    runtime_module.ServiceRunner = partial(  # type: ignore[misc]
+        ServiceRunner, source=HERE / "patched_main.py"
+    )
+    try:
+        yield
+    finally:
+        dispatcher_module._Member._step = step  # type: ignore[method-assign]
+        ServiceRunner._handler_class = handler  # type: ignore[method-assign]
+        runtime_module.ServiceRunner = runner  # type: ignore[misc]
+
+
+class Sampled:
+    """A started LocalRuntime whose function processes (and Kafka's) are sampled every
+    `interval` s: VmHWM, CPU seconds, and how many events each KafkaSource delivered."""
+
+    def __init__(self, runtime: LocalRuntime, kafka_pids: list[int], interval: float = 0.25):
+        self.runtime = runtime
+        self.kafka_pids = kafka_pids
+        self.interval = interval
+        self.sampler = procstat.ProcessSampler()
+        self.progress: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._host_cpu = 0.0
+
+    def roles(self) -> list[tuple[str, int]]:
+        found = [(p["role"], int(p["pid"])) for p in self.runtime.processes()]
+        return found + [("kafka", pid) for pid in self.kafka_pids]
+
+    def start(self) -> Sampled:
+        self.sampler.sample(self.roles())
+        self.sampler.mark()
+        self._host_cpu = procstat.cpu_seconds() or 0.0
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        self.sampler.sample(self.roles())
+        delivered = {d.source.group: d.counters.delivered for d in self.runtime.dispatchers}
+        if not self.progress or self.progress[-1][1] != delivered:
+            self.progress.append((time.time(), delivered))
+
+    def stop(self) -> dict[str, Any]:
+        """Stop sampling; what was seen: processes, peak MiB and CPU s per role, instances."""
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        procs = self.sampler.processes()
+        peak: dict[str, float] = {}
+        cpu: dict[str, float] = {}
+        roots: dict[str, set[int]] = {}
+        for p in procs:
+            peak[p["role"]] = max(peak.get(p["role"], 0.0), p["vm_hwm_mib"])
+            cpu[p["role"]] = cpu.get(p["role"], 0.0) + p.get("cpu_s", 0.0)
+            roots.setdefault(p["role"], set()).add(p["root"])
+        cpu["runtime host (proxies, dispatchers)"] = (
+            procstat.cpu_seconds() or 0.0
+        ) - self._host_cpu
+        return {
+            "processes": procs,
+            "peak_mib": peak,
+            "cpu_s": cpu,
+            "instances": {role: len(r) for role, r in roots.items()},
+            "services": {
+                name: {"peak_instances": s.peak_instances, "cold_starts": s.cold_starts}
+                for name, s in self.runtime.services.items()
+            },
+            "dispatch": {
+                d.source.group: {
+                    k: getattr(d.counters, k)
+                    for k in ("delivered", "retried", "dead_lettered", "lost")
+                }
+                for d in self.runtime.dispatchers
+            },
+        }
+
+
+def loadgen(
+    url: str,
+    job: str,
+    clients: int,
+    params: int,
+    threads: int,
+    secret: str,
+    warmup: int = 0,
+) -> dict[str, Any]:
+    """Run loadgen.py in a process of its own; its summary."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            url,
+            job,
+            "--clients",
+            str(clients),
+            "--params",
+            str(params),
+            "--threads",
+            str(threads),
+            "--warmup",
+            str(warmup),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MICROFL_SECRET": secret},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen exited with {done.returncode} (its error is above)")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
