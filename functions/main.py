@@ -8,16 +8,31 @@ import functions_framework
 from microfl import handlers
 
 
-@functions_framework.http
-def ingest(request: flask.Request):  # type: ignore[no-untyped-def]
-    return handlers.ingest(request)
+def _streamed(answer: object) -> flask.Response:
+    """The answer as a streamed response: functions-framework then does not read (and buffer)
+    whatever is left of a request body that was refused early, say an oversized upload."""
+    response = flask.make_response(answer)
+    return flask.Response(
+        iter([response.get_data()]), status=response.status_code, headers=response.headers
+    )
 
 
 @functions_framework.http
-def aggregate(request: flask.Request):  # type: ignore[no-untyped-def]
-    return handlers.aggregate(request)
+def ingest(request: flask.Request) -> flask.Response:
+    return _streamed(handlers.ingest(request))
 
 
 @functions_framework.http
-def finalize(request: flask.Request):  # type: ignore[no-untyped-def]
-    return handlers.finalize(request)
+def aggregate(request: flask.Request) -> flask.Response:
+    return _streamed(handlers.aggregate(request))
+
+
+@functions_framework.http
+def finalize(request: flask.Request) -> flask.Response:
+    return _streamed(handlers.finalize(request))
+
+
+@functions_framework.errorhandler(404)
+def not_routed(error: Exception) -> flask.Response:
+    """Paths the framework routes itself (/robots.txt, /favicon.ico, odd characters): JSON."""
+    return _streamed(handlers.not_found(flask.request))

@@ -11,7 +11,10 @@ import json
 import math
 import socket
 import struct
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
@@ -86,8 +89,8 @@ good_examples = st.integers(1, MAX_EXAMPLES).map(str)
 optional_metadata = st.none() | st.builds(lambda n: {"num_examples": n}, good_examples)
 
 
-def _with_metadata(header: dict[str, object], metadata: dict[str, str] | None) -> dict[str, object]:
-    return header if metadata is None else {"__metadata__": metadata, **header}
+def _with_metadata(header: Mapping[str, object], metadata: dict[str, str] | None) -> object:
+    return dict(header) if metadata is None else {"__metadata__": metadata, **header}
 
 
 def _accepted_num_examples(value: str) -> bool:
@@ -257,10 +260,10 @@ def metadata_abuse(draw: st.DrawFn) -> bytes:
     data = b"".join(tensors[name].tobytes() for name in NAMES)
     if how == "non_string":
         value = draw(json_values.filter(lambda v: not isinstance(v, str)))
-        metadata: object = {"num_examples": value}
+        meta: object = {"num_examples": value}
     else:
-        metadata = draw(json_values.filter(lambda v: not isinstance(v, dict) and v is not None))
-    return safetensors_file({"__metadata__": metadata, **layout}, data)
+        meta = draw(json_values.filter(lambda v: not isinstance(v, dict) and v is not None))
+    return safetensors_file({"__metadata__": meta, **layout}, data)
 
 
 @st.composite
@@ -307,7 +310,7 @@ class Answer:
     headers: dict[str, str]
     body: bytes
 
-    def json(self) -> object:
+    def json(self) -> Any:
         return json.loads(self.body)
 
 
@@ -355,26 +358,45 @@ def raw_request(
 
 
 def _read_answer(sock: socket.socket, timeout: float) -> Answer:
-    buf = b""
     try:
-        while b"\r\n\r\n" not in buf:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise NoAnswer(f"connection closed without an answer (got {buf[:200]!r})")
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
-        length = int(headers.get("content-length", "-1"))
-        while length >= 0 and len(rest) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-        return Answer(status, headers, rest[:length] if length >= 0 else rest)
-    except (TimeoutError, ConnectionResetError) as exc:
-        raise NoAnswer(f"no answer within {timeout}s: {exc!r} (got {buf[:200]!r})") from None
+        return _answer(sock)
+    except TimeoutError:
+        # Say what the server does once the body it waits for ends, and let it write that
+        # answer rather than fail on a closed socket.
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(5)
+            late = _answer(sock)
+            then = f"after the client ended its body it answered {late.status}: {late.body[:120]!r}"
+        except (OSError, NoAnswer) as exc:
+            then = f"nor after the client ended its body ({exc})"
+        raise NoAnswer(f"no answer within {timeout}s; {then}") from None
+    except (NoAnswer, ConnectionResetError) as exc:
+        # The server's thread may still be printing its traceback. On CPython 3.11 traceback
+        # printing parses source with `ast`, whose recursion bookkeeping is shared between
+        # threads (python/cpython#106905): let it finish before pytest formats our failure.
+        time.sleep(0.5)
+        raise NoAnswer(f"connection closed without an answer: {exc}") from None
+
+
+def _answer(sock: socket.socket) -> Answer:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise NoAnswer(f"got {buf[:200]!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    length = int(headers.get("content-length", "-1"))
+    while length < 0 or len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return Answer(status, headers, rest[:length] if length >= 0 else rest)

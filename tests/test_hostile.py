@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import psutil
@@ -172,7 +173,7 @@ def test_fuzzed_uploads_are_refused_with_a_json_4xx_and_stored_nowhere(
 
 
 # Uploads that crashed ingest with an unmapped ValueError (500 "internal", which also tells the
-# client to retry the same poison forever), and the lies the brief names explicitly.
+# client to retry the same poison forever), and headers that declare far more than the body holds.
 def _with_examples(n: str) -> bytes:
     return tensors_to_safetensors(model(), {"num_examples": n})
 
@@ -350,7 +351,7 @@ def test_an_update_replayed_after_expiry_or_on_another_job_is_forbidden(
     a, b = two_jobs
     body = valid_update(7)
     issued = time.time()
-    token = {"Authorization": f"Bearer {issue_token(SECRET.encode(), a, 'replayer', ttl=2)}"}
+    token = {"Authorization": f"Bearer {issue_token(SECRET.encode(), a, 'replayer', ttl=3)}"}
     first = requests.post(ingest.updates(a), data=body, headers=token, timeout=10)
     assert first.status_code == 202, first.text
     # The same request verbatim against another job: the token does not travel.
@@ -358,7 +359,7 @@ def test_an_update_replayed_after_expiry_or_on_another_job_is_forbidden(
     assert (other.status_code, other.json()["error"]) == (403, "forbidden")
     assert ingest.store.list(updates_prefix(b, 1)) == []
     # The same bytes after expiry: 403, not the 200 an in-time replay would get.
-    time.sleep(max(0.0, int(issued) + 2 - time.time()) + 0.1)
+    time.sleep(max(0.0, int(issued) + 3 - time.time()) + 0.1)
     late = requests.post(ingest.updates(a), data=body, headers=token, timeout=10)
     assert (late.status_code, late.json()["error"]) == (403, "forbidden"), late.text
     assert "expired" in late.json()["message"]
@@ -533,7 +534,7 @@ def test_ingest_worker_memory_stays_bounded_under_payloads_declaring_more_than_t
 
 # HTTP framing a client can get wrong or abuse: each must be answered with a 4xx (any body; a
 # malformed request may be refused before the function runs), not dropped and not left hanging.
-FRAMING: dict[str, dict[str, object]] = {
+FRAMING: dict[str, dict[str, Any]] = {
     "Content-Length not a number": {"headers": {"Content-Length": "abc"}, "body": b"xx"},
     "negative Content-Length": {"headers": {"Content-Length": "-1"}, "body": b"xx"},
     "Content-Length list": {"headers": {"Content-Length": "1, 2"}, "body": b"xx"},
@@ -554,21 +555,14 @@ FRAMING: dict[str, dict[str, object]] = {
 @pytest.mark.parametrize("where", ["service", "instance"])
 @pytest.mark.parametrize("case", list(FRAMING.values()), ids=list(FRAMING))
 def test_malformed_http_framing_is_answered_with_a_4xx(
-    ingest: Ingest, big_job: str, case: dict[str, object], where: str
+    ingest: Ingest, big_job: str, case: dict[str, Any], where: str
 ) -> None:
     base = ingest.url if where == "service" else ingest.instance_url
     target = case.get("target", f"/v1/jobs/{big_job}/rounds/1/updates".encode())
-    headers = {**auth(big_job, "framing"), **case.get("headers", {})}  # type: ignore[dict-item]
+    headers = {**auth(big_job, "framing"), **case.get("headers", {})}
+    body, extra = case.get("body", b""), case.get("extra_head", b"")
     try:
-        answer = raw_request(
-            base,
-            "POST",
-            target,  # type: ignore[arg-type]
-            headers,
-            case.get("body", b""),  # type: ignore[arg-type]
-            extra_head=case.get("extra_head", b""),  # type: ignore[arg-type]
-            timeout=3,
-        )
+        answer = raw_request(base, "POST", target, headers, body, extra_head=extra, timeout=3)
     except NoAnswer as exc:
         pytest.fail(str(exc))
     assert 400 <= answer.status < 500, (answer.status, answer.body[:200])
@@ -576,17 +570,17 @@ def test_malformed_http_framing_is_answered_with_a_4xx(
 
 
 @pytest.mark.parametrize("where", ["service", "instance"])
-def test_a_chunked_upload_arrives_intact(ingest: Ingest, big_job: str, where: str) -> None:
+def test_a_chunked_upload_arrives_intact(ingest: Ingest, where: str) -> None:
     """Transfer-Encoding: chunked is how HTTP clients stream a body of unknown length."""
     base = ingest.url if where == "service" else ingest.instance_url
-    client = f"chunked-{where}"
+    job = ingest.new_job()
     body = valid_update(11)
     chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
-    headers = {**auth(big_job, client), "Transfer-Encoding": "chunked"}
-    target = f"/v1/jobs/{big_job}/rounds/1/updates".encode()
+    headers = {**auth(job, "chunked"), "Transfer-Encoding": "chunked"}
+    target = f"/v1/jobs/{job}/rounds/1/updates".encode()
     answer = raw_request(base, "POST", target, headers, chunked, timeout=5)
     assert answer.status == 202, (answer.status, answer.body[:200])
-    assert ingest.store.read(update_key(big_job, 1, client)) == body
+    assert ingest.store.read(update_key(job, 1, "chunked")) == body
 
 
 # --- last: the store holds only what the module's jobs legitimately wrote ----------------------

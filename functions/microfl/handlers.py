@@ -22,7 +22,7 @@ from microfl.errors import BadRequest, MicroFLError, http_error
 from microfl.serde import event_from_http
 from microfl.tokens import bearer, valid_id
 
-__all__ = ["aggregate", "finalize", "ingest", "set_backends"]
+__all__ = ["aggregate", "finalize", "ingest", "not_found", "set_backends"]
 
 _backends: Backends | None = None
 _lock = threading.Lock()
@@ -83,12 +83,12 @@ def ingest(request: flask.Request) -> Response:
                 return _ingest_route(name, request, match.groupdict())
             except Exception as exc:
                 return _error(exc)
+    return not_found(request)
+
+
+def not_found(request: flask.Request) -> Response:
     return _json(
-        404,
-        {
-            "error": "not_found",
-            "message": f"no endpoint {request.path}; see the OpenAPI file for the API",
-        },
+        404, {"error": "not_found", "message": f"no endpoint {request.path}; see the OpenAPI file"}
     )
 
 

@@ -15,6 +15,7 @@ Layout under `jobs/{job}/` (every object written once, create-only):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -271,7 +272,7 @@ def round_opened_at(store: ObjectStore, spec: JobSpec, r: int) -> float | None:
 def validate_update(spec: JobSpec, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
     """The update's num_examples, once its tensors match the job's model exactly."""
     raw = metadata.get("num_examples")
-    if raw is None or not raw.isdigit() or not 0 < int(raw) <= MAX_EXAMPLES:
+    if raw is None or not re.fullmatch(r"[0-9]{1,13}", raw) or not 0 < int(raw) <= MAX_EXAMPLES:
         raise InvalidUpdate(
             f"__metadata__.num_examples must be a positive integer as a string "
             f"(at most {MAX_EXAMPLES}), got {raw!r}"

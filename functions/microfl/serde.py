@@ -124,7 +124,13 @@ def tensors_from_safetensors(
                 f"{size} bytes of {shape} inside a {len(body)}-byte data section"
             )
         spans.append((begin, end, name))
-        tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        try:
+            tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        except ValueError as exc:  # more than 64 dimensions, or a dimension numpy cannot hold
+            raise InvalidUpdate(
+                f"tensor {name!r}: shape {list(shape)} is unusable: {exc}"
+            ) from None
+
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:

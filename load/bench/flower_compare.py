@@ -205,6 +205,14 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         v = row["verify"]
         pairs = ", ".join(f"{k} {e:.1e}" for k, e in v["pairwise"].items())
         lines.append(f"- {row['clients']} clients: {pairs} ({'agree' if v['agree'] else 'DIFFER'})")
+    lines += [
+        "",
+        "Micro-FL sums in float64 and rounds once, so its model stays within about one float32 "
+        "rounding of the exact FedAvg whatever N. Both Flower helpers sum in float32 (float32 "
+        "arrays times a Python number stay float32 in NumPy 2), so their error grows with N; "
+        "where the pair differs by more than the tolerance, the column *max rel. diff vs "
+        "exact* shows which side is off.",
+    ]
     t = result["targets"]
     at = [r for r in result["runs"] if r["clients"] == t["clients"]]
     lines += [

@@ -35,6 +35,19 @@ HERE = Path(__file__).resolve().parent
 QUORUM_SIZES = (100, 1000, 5000)
 QUICK_QUORUM_SIZES = (100, 1000)
 HTTP_WARMUP = 5
+PARTIAL_STEPS = {  # callee -> step, so that as is and patched line up
+    "store.py:read": "read the updates",
+    "patched.py:read_view": "read the updates",
+    "serde.py:tensors_from_safetensors": "parse",
+    "jobs.py:validate_update": "validate (NaN/Inf per update, or per chunk's sum)",
+    "patched.py:validate_schema": "validate (NaN/Inf per update, or per chunk's sum)",
+    "~:<built-in method builtins.all>": "validate (NaN/Inf per update, or per chunk's sum)",
+    "strategy.py:fold": "fold",
+    "patched.py:fold_blocked": "fold",
+    "serde.py:tensors_to_safetensors": "serialise the partial",
+    "patched.py:tensors_to_safetensors_1copy": "serialise the partial",
+    "store.py:create": "write the partial (fsync)",
+}
 
 
 def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
@@ -319,7 +332,10 @@ def partial_profile(workdir: Path, quick: bool) -> dict[str, Any]:
         where = "aggregate.py" if label == "as is" else "patched.py"
         parents = {(where, "compute_partial"), (where, "_partial_bytes"), (where, "partial_bytes")}
         total = _cum(st, where, "compute_partial")
-        parts = _callees(st, parents)
+        parts = {}
+        for name, value in _callees(st, parents, top=20).items():
+            step = PARTIAL_STEPS.get(name, name)
+            parts[step] = parts.get(step, 0.0) + value
         parts["compute_partial itself"] = total - sum(parts.values())
         out[label] = {
             "wall_ms": min(walls) * 1e3,

@@ -6,6 +6,7 @@ fails to run (or, with --strict, misses a target).
     python load/bench/run.py                 everything (about 30 minutes on 2 cores)
     python load/bench/run.py --quick         a short smoke run of everything (a few minutes)
     python load/bench/run.py --only NAME     one benchmark (repeat --only, or NAME,NAME)
+    python load/bench/run.py --report-only   README.md again from the JSON files
 
 Benchmarks: fold_throughput, flower_compare, aggregate_memory, round_latency,
 ingest_throughput, hotspots. flower_compare needs flwr (pip install -e '.[bench]'); without it
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=16, help="round_latency: client threads (default 16)"
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite results/README.md from the JSON files there, running nothing",
+    )
     args = parser.parse_args(argv)
     names = [n for item in args.only for n in item.split(",") if n] or list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -84,8 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     missed: list[str] = []
     failed: list[str] = []
-    with _shared_kafka(args.workdir, set(names) & PLATFORM):
-        _run_all(names, args, missed, failed)
+    if args.report_only:
+        for name in names:
+            result = report.read_json(args.out / f"{name}.json")
+            if result is not None:
+                table = importlib.import_module(name).markdown(result, result["machine"])
+                report.write_section(args.out / "README.md", name, table)
+    else:
+        with _shared_kafka(args.workdir, set(names) & PLATFORM):
+            _run_all(names, args, missed, failed)
     summary = _summary(args.out)
     report.write_section(args.out / "README.md", "summary", summary, first=True)
     print(summary)

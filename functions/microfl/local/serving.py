@@ -9,12 +9,14 @@ when an instance dies under a request, which event delivery then retries."""
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -223,53 +225,110 @@ class ServiceRunner:
                 pass
 
             def _proxy(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                status, headers, data = runner.forward(
-                    self.command, self.path, dict(self.headers), body
-                )
+                try:
+                    body, length = _request_body(self.headers, self.rfile)
+                    sent = [0]
+                    status, headers, data = runner.forward(
+                        self.command, self.path, dict(self.headers), body, length, sent
+                    )
+                except ValueError as exc:  # bad framing, or a path http.client refuses
+                    status, headers, data = _error(400, f"malformed request: {exc}", "bad_request")
+                    sent, length = [0], 1
+                if sent[0] < length:  # answered before the body was all read (say a 413)
+                    self.close_connection = True
                 self.send_response(status)
                 for k, v in headers:
                     if k.lower() not in HOP_HEADERS:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(data)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _proxy
+            do_PATCH = do_OPTIONS = do_TRACE = _proxy
 
         return Handler
 
     def forward(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: io.BufferedIOBase,
+        length: int,
+        sent: list[int],
     ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Stream the body to an instance while waiting for its answer, like Knative's
+        queue-proxy: an instance that refuses early (413) is answered at once, and the body is
+        never held in memory here. sent[0] counts the body bytes passed on."""
         deadline = time.monotonic() + self.scale.timeout_seconds
         inst = self._acquire(deadline)
         if inst is None:
             return _error(503, "no instance became ready in time")
+        conn = http.client.HTTPConnection(
+            HOST, inst.fn.port, timeout=max(0.1, deadline - time.monotonic())
+        )
         try:
-            conn = http.client.HTTPConnection(
-                HOST, inst.fn.port, timeout=max(0.1, deadline - time.monotonic())
-            )
-            try:
-                conn.request(
-                    method,
-                    path,
-                    body=body,
-                    headers={k: v for k, v in headers.items() if k.lower() not in HOP_HEADERS},
-                )
-                resp = conn.getresponse()
-                return resp.status, resp.getheaders(), resp.read()
-            finally:
-                conn.close()
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            for k, v in headers.items():
+                if k.lower() not in HOP_HEADERS:
+                    conn.putheader(k, v)
+            conn.putheader("Content-Length", str(length))
+            conn.endheaders()
+            pump = threading.Thread(target=_pump, args=(body, conn, length, sent), daemon=True)
+            pump.start()
+            resp = conn.getresponse()
+            return resp.status, resp.getheaders(), resp.read()
         except TimeoutError:
             return _error(504, f"{self.name} did not answer within {self.scale.timeout_seconds}s")
-        except OSError as exc:
+        except http.client.InvalidURL as exc:
+            return _error(400, f"malformed request path: {exc}", "bad_request")
+        except (OSError, http.client.HTTPException) as exc:
             return _error(502, f"{self.name} instance failed under the request: {exc}")
         finally:
+            conn.close()
             self._release(inst)
 
 
-def _error(status: int, message: str) -> tuple[int, list[tuple[str, str]], bytes]:
-    body = json.dumps({"error": "unavailable", "message": message}).encode()
+def _request_body(headers: Message, rfile: io.BufferedIOBase) -> tuple[io.BufferedIOBase, int]:
+    """The body to pass on and its length; a chunked body is de-chunked first."""
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        data = bytearray()
+        while True:
+            line = rfile.readline().split(b";")[0].strip()
+            if not line:
+                raise ValueError("a chunked body ended without its last chunk")
+            size = int(line, 16)
+            if size == 0:
+                while rfile.readline().strip():  # trailers
+                    pass
+                return io.BytesIO(bytes(data)), len(data)
+            data += rfile.read(size)
+            rfile.readline()
+    raw = headers.get_all("Content-Length") or ["0"]
+    if len(raw) != 1 or not raw[0].strip().isascii() or not raw[0].strip().isdigit():
+        raise ValueError(f"Content-Length {', '.join(raw)!r} is not one non-negative integer")
+    return rfile, int(raw[0])
+
+
+def _pump(
+    body: io.BufferedIOBase, conn: http.client.HTTPConnection, length: int, sent: list[int]
+) -> None:
+    try:
+        while sent[0] < length:
+            chunk = body.read(min(65536, length - sent[0]))
+            if not chunk:
+                return
+            conn.send(chunk)
+            sent[0] += len(chunk)
+    except (OSError, ValueError):  # the instance answered and closed, or the client went away
+        return
+
+
+def _error(
+    status: int, message: str, code: str = "unavailable"
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    body = json.dumps({"error": code, "message": message}).encode()
     return status, [("Content-Type", "application/json")], body
