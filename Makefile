@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) and installing microfl with its dev tools and the torch client (large on a first install)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,client]'
+	$(BIN)/pip install -q -e '.[dev,client,infra]'
 	@touch $@
 
 setup: $(BIN)/.installed
@@ -27,7 +27,7 @@ demo:
 	  echo "==> set-up took $$(( $$(date +%s) - t0 ))s; starting the demo"
 	$(BIN)/microfl demo
 
-test: setup
+test: setup infra-tools
 	$(BIN)/pytest
 
 lint: $(BIN)/.installed
@@ -98,14 +98,18 @@ IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 # The image name knative/kustomization.yaml gives the functions; deploy replaces it.
 BASE_IMAGE = $(shell sed -n 's/^ *newName: *//p' knative/kustomization.yaml)
 
-# OpenTofu (tofu fmt), kustomize and checkov for tests/test_infra.py and make deploy, in
-# .cache/bin; each is skipped when its pinned version is there. OpenTofu is built inside its
-# downloaded module: `go install ...@version` refuses modules with replace directives.
+# A Terraform formatter (the machine's terraform, else OpenTofu built from Go modules),
+# kustomize and checkov for tests/test_infra.py and make deploy, in .cache/bin; each is skipped
+# when its pinned version is there. OpenTofu is built inside its downloaded module: `go install
+# ...@version` refuses modules with replace directives.
 # checkov gets a virtualenv of its own: it pins packaging<24, which the dev tools cannot use.
 infra-tools:
 	@command -v go >/dev/null || { echo "infra-tools builds OpenTofu and kustomize with Go 1.24+; install Go first"; exit 1; }
 	@mkdir -p $(TOOLS)
-	@if $(TOOLS)/tofu version 2>/dev/null | grep -qx "OpenTofu $(TOFU_VERSION)"; then \
+	@if command -v terraform >/dev/null; then \
+	  ln -sf "$$(command -v terraform)" $(TOOLS)/terraform; \
+	  echo "terraform fmt: $$(command -v terraform)"; \
+	elif $(TOOLS)/tofu version 2>/dev/null | grep -qx "OpenTofu $(TOFU_VERSION)"; then \
 	  echo "tofu $(TOFU_VERSION) is in $(TOOLS)"; \
 	else \
 	  echo "==> building OpenTofu $(TOFU_VERSION) from the Go module proxy (about 15 minutes on an empty Go cache)"; \

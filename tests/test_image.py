@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import pytest
 import requests
 
 from microfl import events
-from microfl.local.procs import HOST, free_port, spawn, stop_process, wait_until
+from microfl.local.procs import HOST, free_port, stop_process, wait_until
 from microfl.manifests import load_documents
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +187,9 @@ def started(
     }
     argv = json.loads(last(final, "CMD"))
     log = tmp_path / f"{request.param}.log"
-    proc = spawn(argv, log, env=env)  # cwd: the checkout stands for WORKDIR /app
+    with log.open("wb") as out:  # the checkout stands for WORKDIR /app (functions/main.py)
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         url = f"http://{HOST}:{port}"
         target = env["FUNCTION_TARGET"]

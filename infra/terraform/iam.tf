@@ -3,10 +3,10 @@
 # needs:
 #
 #   function   reads       creates (never overwrites)                 deletes
-#   ingest     everything  jobs/*/rounds/*/updates/*                  its own updates (see below)
+#   ingest     everything  jobs/*/rounds/*/updates/*                  updates (see below)
 #   aggregate  everything  jobs/*/rounds/*/partials/*                 -
-#   finalize   everything  rounds/*/seal.json, models/, optimizer/,   -
-#                          rounds/*/record.json
+#   finalize   everything  rounds/*/closing.json, rounds/*/seal.json, -
+#                          models/, optimizer/, rounds/*/record.json
 #
 # What IAM cannot express, and why it is acceptable:
 # - Reads are not narrowed: listing objects is checked against the bucket, not an object name,
@@ -25,34 +25,38 @@
 #   (if_generation_match=0) and with bucket versioning.
 # - The job definitions (jobs/{job}/job.json) are written by operators with the microfl CLI and
 #   their own credentials; no function may create them.
+# tests/test_infra.py evaluates these conditions against the keys of functions/microfl/jobs.py,
+# so a new kind of object fails the test until it is granted here.
 
 locals {
   objects = "projects/_/buckets/${google_storage_bucket.store.name}/objects/jobs/"
   object  = "resource.type == \"storage.googleapis.com/Object\" && resource.name.startsWith(\"${local.objects}\")"
 
+  # Each function's writes, as conditions on the object's name (any one of them allows).
   functions = {
     ingest = {
       description = "Micro-FL ingest: reads jobs and models, writes client updates"
       role        = google_project_iam_custom_role.update_writer.id
       writes      = "client updates (rounds/*/updates/*)"
-      expression  = "${local.object} && resource.name.extract(\"/rounds/{round}/updates/\") != \"\""
+      creates     = ["resource.name.extract(\"/rounds/{round}/updates/\") != \"\""]
     }
     aggregate = {
       description = "Micro-FL aggregate: reads updates and seals, writes partial sums"
       role        = "roles/storage.objectCreator"
       writes      = "partial sums (rounds/*/partials/*)"
-      expression  = "${local.object} && resource.name.extract(\"/rounds/{round}/partials/\") != \"\""
+      creates     = ["resource.name.extract(\"/rounds/{round}/partials/\") != \"\""]
     }
     finalize = {
       description = "Micro-FL finalize: seals rounds, writes models, optimizer state and round records"
       role        = "roles/storage.objectCreator"
-      writes      = "seals, models, optimizer state and round records"
-      expression = join(" ", [
-        "${local.object} && (",
-        "resource.name.endsWith(\"/seal.json\") || resource.name.endsWith(\"/record.json\") ||",
-        "resource.name.extract(\"/models/{version}.safetensors\") != \"\" ||",
-        "resource.name.extract(\"/optimizer/{version}.safetensors\") != \"\")",
-      ])
+      writes      = "round markers and seals, models, optimizer state and round records"
+      creates = [
+        "resource.name.endsWith(\"/closing.json\")",
+        "resource.name.endsWith(\"/seal.json\")",
+        "resource.name.endsWith(\"/record.json\")",
+        "resource.name.extract(\"/models/{version}.safetensors\") != \"\"",
+        "resource.name.extract(\"/optimizer/{version}.safetensors\") != \"\"",
+      ]
     }
   }
 }
@@ -92,7 +96,7 @@ resource "google_storage_bucket_iam_member" "write" {
   condition {
     title       = "${each.key}-writes"
     description = "${each.key} creates ${each.value.writes} only"
-    expression  = each.value.expression
+    expression  = "${local.object} && (${join(" || ", each.value.creates)})"
   }
 }
 
