@@ -38,6 +38,7 @@ lint: $(BIN)/.installed
 check: lint test
 
 bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python load/bench/run.py
 
 chaos-report: setup

@@ -156,7 +156,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(
         {
             "target": f"same model as Flower within {TOLERANCE:g}",
-            "measured": f"max difference {worst:.1e} of max |w|",
+            "measured": f"max difference {worst:.1e} of the largest weight",
             "met": all(agree),
         }
     )

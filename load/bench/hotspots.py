@@ -510,7 +510,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         "| step | as is | patched |",
         "| --- | ---: | ---: |",
     ]
-    for step in _rows(cp["as is"]["parts_ms"], cp["patched"]["parts_ms"]):
+    for step in _rows(cp["as is"]["parts_ms"], cp["patched"]["parts_ms"], floor=0.5):
         lines.append(
             f"| {step} | {cp['as is']['parts_ms'].get(step, 0.0):.1f} "
             f"| {cp['patched']['parts_ms'].get(step, 0.0):.1f} |"
@@ -544,12 +544,21 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rows(*parts: dict[str, float]) -> list[str]:
-    """Row labels of several columns, largest first, the catch-all rows last."""
+def _rows(*parts: dict[str, float], floor: float = 0.1) -> list[str]:
+    """Row labels of several columns, largest first, the catch-all rows last; rows under
+    floor ms in every column are added into "(other calls)" (in place)."""
     labels: dict[str, float] = {}
     for column in parts:
         for label, value in column.items():
             labels[label] = max(labels.get(label, 0.0), value)
+    small = [k for k, v in labels.items() if v < floor and not k.endswith(" itself")]
+    for column in parts:
+        moved = sum(column.pop(k, 0.0) for k in small if k != "(other calls)")
+        if moved or "(other calls)" in column:
+            column["(other calls)"] = column.get("(other calls)", 0.0) + moved
+    if small:
+        labels = {k: v for k, v in labels.items() if k not in small}
+        labels["(other calls)"] = 0.0
     last = [k for k in labels if k.startswith("(") or k.endswith(" itself")]
     return sorted((k for k in labels if k not in last), key=lambda k: -labels[k]) + last
 

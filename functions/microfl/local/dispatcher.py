@@ -336,7 +336,9 @@ class _Member:
 
     def _step(self) -> None:
         self._collect(0.02 if self.in_flight else 0.0)
-        for msg in self.consumer.consume(MAX_PENDING, timeout=0.0 if self.in_flight else 0.1):
+        # Block on Kafka only when idle: a record already buffered must not wait for new ones.
+        busy = self.in_flight or any(p.pending for p in self.parts.values())
+        for msg in self.consumer.consume(MAX_PENDING, timeout=0.0 if busy else 0.1):
             self._accept(msg)
         self._schedule()
         self._flow_control()
