@@ -40,45 +40,32 @@ def topic_of(event: Event) -> str:
     return TOPICS[event.type]
 
 
-def _source(job: str) -> str:
-    return f"/microfl/jobs/{job}"
-
-
-def update_accepted(job: str, r: int, client: str) -> Event:
+def _event(kind: str, job: str, r: int, what: str, subject: str, **data: object) -> Event:
+    """An event about round r of a job; its id names what it is about."""
     return Event(
-        UPDATE_ACCEPTED,
-        _source(job),
-        f"{job}/{r}/update/{client}",
-        {"job": job, "round": r, "client": client},
-        f"rounds/{r}/updates/{client}",
+        kind,
+        f"/microfl/jobs/{job}",
+        f"{job}/{r}/{what}",
+        {"job": job, "round": r, **data},
+        f"rounds/{r}{subject}",
     )
 
 
+def update_accepted(job: str, r: int, client: str) -> Event:
+    return _event(UPDATE_ACCEPTED, job, r, f"update/{client}", f"/updates/{client}", client=client)
+
+
 def partial_requested(job: str, r: int, chunk: int) -> Event:
-    return Event(
-        PARTIAL_REQUESTED,
-        _source(job),
-        f"{job}/{r}/partial-requested/{chunk}",
-        {"job": job, "round": r, "chunk": chunk},
-        f"rounds/{r}/partials/{chunk}",
+    return _event(
+        PARTIAL_REQUESTED, job, r, f"partial-requested/{chunk}", f"/partials/{chunk}", chunk=chunk
     )
 
 
 def partial_ready(job: str, r: int, chunk: int) -> Event:
-    return Event(
-        PARTIAL_READY,
-        _source(job),
-        f"{job}/{r}/partial-ready/{chunk}",
-        {"job": job, "round": r, "chunk": chunk},
-        f"rounds/{r}/partials/{chunk}",
+    return _event(
+        PARTIAL_READY, job, r, f"partial-ready/{chunk}", f"/partials/{chunk}", chunk=chunk
     )
 
 
 def round_committed(job: str, r: int) -> Event:
-    return Event(
-        ROUND_COMMITTED,
-        _source(job),
-        f"{job}/{r}/committed",
-        {"job": job, "round": r, "model_version": r},
-        f"rounds/{r}",
-    )
+    return _event(ROUND_COMMITTED, job, r, "committed", "", model_version=r)
