@@ -23,7 +23,6 @@ from typing import Any
 
 import procstat
 
-from microfl.local import dispatcher as dispatcher_module
 from microfl.local import runtime as runtime_module
 from microfl.local.procs import repo_root
 from microfl.local.runtime import LocalRuntime
@@ -82,27 +81,18 @@ def kafka(workdir: Path) -> Any:
 
 @contextmanager
 def patches(enabled: bool) -> Any:
-    """With enabled, the dispatcher's loop step, the runtime's proxy and every function
-    instance (source patched_main.py) run the changes of patched.py, for the runtimes started
-    inside (ServiceRunners built later keep the patched proxy handler)."""
+    """With enabled, every function instance of the runtimes started inside runs the changes
+    of patched.py (source patched_main.py)."""
     if not enabled:
         yield
         return
-    import patched
-
-    step = dispatcher_module._Member._step
     runner = runtime_module.ServiceRunner
-    handler = ServiceRunner._handler_class
-    dispatcher_module._Member._step = patched.dispatcher_step  # type: ignore[method-assign]
-    ServiceRunner._handler_class = patched.proxy_handler(handler)  # type: ignore[method-assign]
     runtime_module.ServiceRunner = partial(  # type: ignore[misc]
         ServiceRunner, source=HERE / "patched_main.py"
     )
     try:
         yield
     finally:
-        dispatcher_module._Member._step = step  # type: ignore[method-assign]
-        ServiceRunner._handler_class = handler  # type: ignore[method-assign]
         runtime_module.ServiceRunner = runner  # type: ignore[misc]
 
 

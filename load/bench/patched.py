@@ -19,19 +19,12 @@ gain. The real change belongs in functions/ (see results/README.md, "Recommended
   counts the round's updates with one os.scandir of their folder instead of FileStore.list
   (os.walk, a relative path and a startswith test per file, then a sort); the client list is
   still built by finalize.seal, once, when it seals.
-- dispatcher_step: microfl.local.dispatcher._Member._step without its idle wait: after a
-  delivery finishes, the loop waited up to 100 ms in consume() for *new* records before
-  posting the next record it already held, so an ordered KafkaSource (finalize's) delivered at
-  most ~10 records/s whenever a backlog was buffered.
-
-- proxy_handler: the local runtime's proxy (microfl.local.serving) with TCP_NODELAY on the
-  connections it accepts. It answers with two writes (headers, then body); with Nagle's
-  algorithm on, the body waits for the client's delayed ACK of the headers: 40 ms per request
-  on Linux, on every upload and every event delivered to a function.
+The dispatcher's idle wait (an ordered KafkaSource delivered at most ~10 records/s from a
+backlog) and the local proxy's Nagle delay (40 ms per request) were measured here too; both fixes
+are now in microfl.local.dispatcher and microfl.local.serving, so as is and patched share them.
 
 install() puts the function-side changes in place (patched_main.py calls it in every function
-instance of the patched runs); localplat.patches() puts dispatcher_step and proxy_handler in
-place.
+instance of the patched runs).
 """
 
 from __future__ import annotations
@@ -68,11 +61,9 @@ __all__ = [
     "BLOCK",
     "compute_partial",
     "count_updates",
-    "dispatcher_step",
     "fold_blocked",
     "install",
     "partial_bytes",
-    "proxy_handler",
     "read_view",
     "seal",
     "seal_reason",
@@ -275,28 +266,3 @@ def install() -> None:
 
     aggregate._partial_bytes = partial_bytes  # type: ignore[assignment]
     finalize._seal_reason = seal_reason  # type: ignore[assignment]
-
-
-def dispatcher_step(self: Any) -> None:
-    """microfl.local.dispatcher._Member._step, waiting in consume() only when there is nothing
-    to post: no record in flight and none buffered."""
-    from microfl.local.dispatcher import MAX_PENDING
-
-    self._collect(0.02 if self.in_flight else 0.0)
-    busy = self.in_flight or any(p.pending for p in self.parts.values())
-    for msg in self.consumer.consume(MAX_PENDING, timeout=0.0 if busy else 0.1):
-        self._accept(msg)
-    self._schedule()
-    self._flow_control()
-    self._commit(sync=False)
-
-
-def proxy_handler(original: Any) -> Any:
-    """A ServiceRunner._handler_class replacement: the same handler, with TCP_NODELAY."""
-
-    def handler_class(self: Any) -> Any:
-        cls = original(self)
-        cls.disable_nagle_algorithm = True
-        return cls
-
-    return handler_class
