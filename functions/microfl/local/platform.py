@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ import psutil
 
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.kafka import KafkaCluster
-from microfl.local.procs import repo_root, spawn
+from microfl.local.procs import repo_root, spawn, stop_process
 from microfl.local.runtime import LocalRuntime
 
 __all__ = ["LocalPlatform", "detach", "read_state", "state_dir", "stop_recorded"]
@@ -167,7 +166,7 @@ def detach(argv: list[str], timeout: float = 180.0) -> dict[str, Any]:
             tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the local platform failed to start; end of {log}:\n{tail}")
         time.sleep(0.3)
-    subprocess.run(["kill", "-TERM", f"-{proc.pid}"], check=False)
+    stop_process(proc)
     raise TimeoutError(f"the local platform was not up after {timeout:.0f}s; see {log}")
 
 
