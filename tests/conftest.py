@@ -1,6 +1,7 @@
 """Session fixtures that start the real local components on free 127.0.0.1 ports and stop them.
 
-Set MICROFL_KAFKA_BOOTSTRAP to run the Kafka tests against an existing cluster instead."""
+Set MICROFL_KAFKA_BOOTSTRAP to run the Kafka tests against an existing cluster instead.
+`transport` runs a module once per event transport: Kafka, then Pub/Sub (emulator)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.kafka import KafkaCluster
+from microfl.local.pubsub import PubSubEmulator
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +38,18 @@ def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGcsServer]:
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+@pytest.fixture(scope="session")
+def pubsub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubEmulator]:
+    """The Pub/Sub emulator (pstest over gRPC)."""
+    with PubSubEmulator(tmp_path_factory.mktemp("pubsub")) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="module", params=["kafka", "pubsub"])
+def transport(request: pytest.FixtureRequest) -> SimpleNamespace:
+    """The event transport a module's runtime uses: `bus` and the LocalRuntime address."""
+    if request.param == "kafka":
+        return SimpleNamespace(bus="kafka", address=request.getfixturevalue("kafka").bootstrap)
+    return SimpleNamespace(bus="pubsub", address=request.getfixturevalue("pubsub").host)

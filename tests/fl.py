@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
+import requests
 
-from microfl.jobs import JobSpec, create_job
+from microfl.jobs import JobSpec, create_job, load_job, model_key, update_key
 from microfl.serde import tensors_to_safetensors
-from microfl.store import ObjectStore
+from microfl.store import FileStore, ObjectStore
 from microfl.tokens import issue_token
 
 SECRET = "test-secret-0123456789abcdef"
@@ -65,7 +67,6 @@ def healthy_run(store: ObjectStore, job: str, r: int = 1) -> None:
     from microfl import aggregate, finalize
     from microfl.backends import Backends
     from microfl.bus import MemoryBus
-    from microfl.jobs import load_job
 
     bus = MemoryBus()
     b = Backends(store, bus, SECRET.encode())
@@ -76,3 +77,25 @@ def healthy_run(store: ObjectStore, job: str, r: int = 1) -> None:
             aggregate.handle(b, event)
         elif topic == "microfl.finalize":
             finalize.handle(b, event)
+
+
+def reference(store: FileStore, job: str, tmp: Path, clients: list[str]) -> FileStore:
+    """The same job and updates in a fresh store, committed in-process without faults."""
+    ref = FileStore(tmp)
+    spec = load_job(store, job)
+    create_job(ref, spec, store.read(model_key(job, 0)) or b"")
+    for client in clients:
+        ref.create(update_key(job, 1, client), store.read(update_key(job, 1, client)) or b"")
+    healthy_run(ref, job)
+    return ref
+
+
+def post_all(url: str, job: str, updates: dict) -> None:
+    for client, (tensors, n) in updates.items():
+        answer = requests.post(
+            f"{url}/v1/jobs/{job}/rounds/1/updates",
+            data=update_bytes(tensors, n),
+            headers=auth(job, client),
+            timeout=30,
+        )
+        assert answer.status_code == 202, answer.text

@@ -1,5 +1,6 @@
 """The data plane as real processes: ingest, aggregate and finalize under functions-framework,
-events through the real Kafka broker, state in fake-gcs-server, clients over HTTP."""
+events through each transport (the real Kafka broker, the Pub/Sub emulator), state in
+fake-gcs-server, clients over HTTP."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,14 +33,15 @@ def gcs_store(gcs: object) -> GcsStore:
 
 @pytest.fixture(scope="module")
 def runtime(
-    kafka: object, gcs_store: GcsStore, tmp_path_factory: pytest.TempPathFactory
+    transport: SimpleNamespace, gcs_store: GcsStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalRuntime]:
     with LocalRuntime(
         gcs_store.url,
-        kafka.bootstrap,
-        SECRET,  # type: ignore[attr-defined]
+        transport.address,
+        SECRET,
         tmp_path_factory.mktemp("runtime"),
         ping_interval=1.0,
+        bus=transport.bus,
     ) as rt:
         yield rt
 

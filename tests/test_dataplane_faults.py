@@ -1,5 +1,6 @@
-"""SIGKILL of aggregate and finalize in the middle of their work, then restart: the round
-commits once, with the same bytes as a run without faults."""
+"""SIGKILL of aggregate and finalize in the middle of their work, then restart, on each event
+transport (Kafka, Pub/Sub): the round commits once, with the same bytes as a run without
+faults."""
 
 from __future__ import annotations
 
@@ -7,19 +8,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import requests
 
-from fl import SECRET, auth, healthy_run, make_model, make_updates, new_job, update_bytes
+from fl import SECRET, make_model, make_updates, new_job, post_all, reference
 from microfl.jobs import (
     JobSpec,
     create_job,
-    load_job,
     model_key,
     partial_key,
     record_key,
-    update_key,
 )
 from microfl.local.runtime import LocalRuntime
 from microfl.serde import json_from_bytes, tensors_to_safetensors
@@ -38,7 +37,7 @@ FAILPOINTS = [
 
 @pytest.fixture(scope="module")
 def crashing(
-    kafka: object, tmp_path_factory: pytest.TempPathFactory
+    transport: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LocalRuntime, FileStore, Path]]:
     work = tmp_path_factory.mktemp("faults")
     store = FileStore(work / "store")
@@ -47,35 +46,14 @@ def crashing(
     env = {"MICROFL_FAILPOINTS": ",".join(FAILPOINTS), "MICROFL_FAILPOINT_DIR": str(markers)}
     with LocalRuntime(
         store.url,
-        kafka.bootstrap,
+        transport.address,
         SECRET,
-        work,  # type: ignore[attr-defined]
+        work,
         ping_interval=1.0,
         env_extra=env,
+        bus=transport.bus,
     ) as rt:
         yield rt, store, markers
-
-
-def reference(store: FileStore, job: str, tmp: Path, clients: list[str]) -> FileStore:
-    """The same job and updates in a fresh store, committed in-process without faults."""
-    ref = FileStore(tmp)
-    spec = load_job(store, job)
-    create_job(ref, spec, store.read(model_key(job, 0)) or b"")
-    for client in clients:
-        ref.create(update_key(job, 1, client), store.read(update_key(job, 1, client)) or b"")
-    healthy_run(ref, job)
-    return ref
-
-
-def post_all(url: str, job: str, updates: dict) -> None:
-    for client, (tensors, n) in updates.items():
-        answer = requests.post(
-            f"{url}/v1/jobs/{job}/rounds/1/updates",
-            data=update_bytes(tensors, n),
-            headers=auth(job, client),
-            timeout=30,
-        )
-        assert answer.status_code == 202, answer.text
 
 
 def test_crash_at_every_failpoint_commits_identical_bytes(
@@ -130,3 +108,4 @@ def test_external_sigkill_of_whole_instances_mid_round(
     ref = reference(store, job, tmp_path / "ref", sorted(updates))
     assert store.read(model_key(job, 1)) == ref.read(model_key(job, 1))
     assert json_from_bytes(store.read(record_key(job, 1)) or b"")["included"] == sorted(updates)
+

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from microfl import faults
-from microfl.bus import EventBus, KafkaBus
+from microfl.bus import EventBus, KafkaBus, PubSubBus
 from microfl.errors import ConfigError
 from microfl.store import ObjectStore, open_store
 
-__all__ = ["Backends", "backends_from_env"]
+__all__ = ["Backends", "backends_from_env", "bus_from_env"]
 
 
 @dataclass
@@ -25,13 +25,27 @@ class Backends:
 
 
 def backends_from_env() -> Backends:
-    """MICROFL_STORE, MICROFL_KAFKA_BOOTSTRAP and MICROFL_SECRET, as the manifests set them."""
+    """MICROFL_STORE, MICROFL_SECRET and the event bus, as the manifests set them: MICROFL_BUS is
+    kafka (the default; MICROFL_KAFKA_BOOTSTRAP) or pubsub (MICROFL_PUBSUB_PROJECT)."""
     store = os.environ.get("MICROFL_STORE")
-    bootstrap = os.environ.get("MICROFL_KAFKA_BOOTSTRAP")
-    if not store or not bootstrap:
-        raise ConfigError(
-            "set MICROFL_STORE (file:///path or gs://bucket) and "
-            "MICROFL_KAFKA_BOOTSTRAP (host:port,...) for the functions"
-        )
+    if not store:
+        raise ConfigError("set MICROFL_STORE (file:///path or gs://bucket) for the functions")
     secret = os.environ.get("MICROFL_SECRET", "").encode()
-    return Backends(open_store(store), KafkaBus(bootstrap), secret, clock=faults.clock)
+    return Backends(open_store(store), bus_from_env(), secret, clock=faults.clock)
+
+
+def bus_from_env() -> EventBus:
+    kind = os.environ.get("MICROFL_BUS", "kafka")
+    if kind == "kafka":
+        bootstrap = os.environ.get("MICROFL_KAFKA_BOOTSTRAP")
+        if not bootstrap:
+            raise ConfigError("set MICROFL_KAFKA_BOOTSTRAP (host:port,...) or MICROFL_BUS=pubsub")
+        return KafkaBus(bootstrap)
+    if kind == "pubsub":
+        project = os.environ.get("MICROFL_PUBSUB_PROJECT")
+        if not project:
+            raise ConfigError(
+                "MICROFL_BUS=pubsub needs MICROFL_PUBSUB_PROJECT (the topics' project)"
+            )
+        return PubSubBus(project)
+    raise ConfigError(f"MICROFL_BUS={kind!r}: use kafka or pubsub")

@@ -1,4 +1,6 @@
-"""The event bus the functions publish to: one interface, Kafka as the implementation."""
+"""The event bus the functions publish to: one interface, two transports chosen by configuration
+(MICROFL_BUS): Kafka, the default, and Google Cloud Pub/Sub. The functions publish the same events
+either way; what consumes them is the platform's business (KafkaSources or push subscriptions)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ from typing import Any
 
 from microfl.errors import BusUnavailable
 from microfl.events import TOPICS, topic_of
-from microfl.serde import Event, event_to_kafka
+from microfl.serde import Event, event_to_http, event_to_kafka
 
-__all__ = ["EventBus", "KafkaBus", "MemoryBus", "ensure_topics"]
+__all__ = ["EventBus", "KafkaBus", "MemoryBus", "PubSubBus", "ensure_topics"]
 
 
 class EventBus(ABC):
@@ -67,6 +69,53 @@ class KafkaBus(EventBus):
             raise BusUnavailable(
                 f"Kafka at {self.bootstrap} did not acknowledge "
                 f"{left + len(errors)} event(s): {'; '.join(errors[:3])}"
+            )
+
+
+class PubSubBus(EventBus):
+    """Pub/Sub publisher in the CloudEvents Pub/Sub binding: the event's data is the message,
+    its attributes are ce-* plus Content-Type, exactly the headers of HTTP binary mode, so a push
+    subscription without wrapper delivers the very request a KafkaSource would. The event key
+    (the job) is the ordering key, which keeps a job's events in order where the subscription
+    asks for it, as Kafka's partitions do. PUBSUB_EMULATOR_HOST points the client at an emulator."""
+
+    def __init__(self, project: str, timeout: float = 15.0) -> None:
+        self.project = project
+        self.timeout = timeout
+        self._publisher: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        from google.cloud import pubsub_v1
+
+        with self._lock:
+            if self._publisher is None:
+                self._publisher = pubsub_v1.PublisherClient(
+                    publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True)
+                )
+            return self._publisher
+
+    def publish(self, events: Sequence[Event], key: str) -> None:
+        publisher = self._get()
+        sent = []
+        for event in events:
+            headers, body = event_to_http(event)
+            topic = publisher.topic_path(self.project, topic_of(event))
+            future = publisher.publish(
+                topic, body, ordering_key=key, timeout=self.timeout, **headers
+            )
+            sent.append((topic, future))
+        errors: list[str] = []
+        for topic, future in sent:
+            try:
+                future.result(timeout=self.timeout + 5)
+            except Exception as exc:  # the client raises many kinds; all mean "not published"
+                errors.append(f"{topic}: {type(exc).__name__}: {exc}")
+                # A failed publish pauses its ordering key; the caller's retry resends it all.
+                publisher.resume_publish(topic, key)
+        if errors:
+            raise BusUnavailable(
+                f"Pub/Sub did not acknowledge {len(errors)} event(s): {'; '.join(errors[:3])}"
             )
 
 

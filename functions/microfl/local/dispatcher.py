@@ -28,6 +28,7 @@ __all__ = [
     "KafkaSource",
     "http_from_record",
     "parse_duration",
+    "post_once",
 ]
 
 KAFKA_EVENT_TYPE = "dev.knative.kafka.event"
@@ -166,7 +167,7 @@ def http_from_record(msg: Message, source_name: str) -> tuple[dict[str, str], by
     return http, msg.value() or b""
 
 
-def _post(
+def post_once(
     session: requests.Session, url: str, headers: dict[str, str], body: bytes, timeout: float
 ) -> tuple[int | None, str]:
     """One attempt: (status, start of the answer), or (None, the network error)."""
@@ -193,7 +194,7 @@ class _Deliverer:
         if not hasattr(self._local, "session"):  # one Session (connection pool) per worker
             self._local.session = requests.Session()
         while True:
-            status, data = _post(
+            status, data = post_once(
                 self._local.session, self.source.sink, headers, body, delivery.timeout
             )
             if status is not None and status < 300:

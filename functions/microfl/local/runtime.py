@@ -1,7 +1,9 @@
 """The platform's functions running locally as the manifests in knative/ describe them: each
 Service a ServiceRunner (instances between min- and max-scale, scale to zero), each KafkaSource a
 Dispatcher posting CloudEvents to its sink Service, and the PingSource a timer posting to its
-sink (finalize's deadline and recovery sweep)."""
+sink (finalize's deadline and recovery sweep). With bus="pubsub" the functions publish to the
+Pub/Sub emulator instead and each push subscription (microfl.local.pubsub) is a PushDispatcher;
+the KafkaSources are not used, as in the knative/pubsub overlay."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from microfl.bus import ensure_topics
 from microfl.events import PING
 from microfl.local.dispatcher import Dispatcher, KafkaSource
 from microfl.local.procs import repo_root
+from microfl.local.pubsub import PROJECT, SUBSCRIPTIONS, PushSubscription, ensure_pubsub
+from microfl.local.push import PushDispatcher
 from microfl.local.serving import Scale, ServiceRunner
 from microfl.manifests import Platform, load_platform
 from microfl.serde import Event, event_to_http
@@ -31,9 +35,11 @@ LOGGERS = ("microfl.dispatcher", "microfl.runtime", "microfl.bus")
 
 @dataclass
 class LocalRuntime:
-    """Start with start(), stop with stop(). `ping_interval` replaces the PingSource's cron
-    schedule (one minute at best) where tests need faster deadlines; `idle_window` is how long
-    an idle instance lives; env_extra reaches every function (failpoints)."""
+    """Start with start(), stop with stop(). `bootstrap` is the event transport's address: Kafka
+    bootstrap servers, or the Pub/Sub emulator's host:port with bus="pubsub". `ping_interval`
+    replaces the PingSource's cron schedule (one minute at best) where tests need faster
+    deadlines; `idle_window` is how long an idle instance lives; env_extra reaches every
+    function (failpoints)."""
 
     store_url: str
     bootstrap: str
@@ -44,9 +50,11 @@ class LocalRuntime:
     idle_window: float = 30.0
     env_extra: dict[str, str] = field(default_factory=dict)
     replication: int = 1
+    bus: str = "kafka"
+    subscriptions: tuple[PushSubscription, ...] = SUBSCRIPTIONS
     wrap_sink: Callable[[str], str] | None = None  # fault tests put a proxy before each sink
     services: dict[str, ServiceRunner] = field(default_factory=dict)
-    dispatchers: list[Dispatcher] = field(default_factory=list)
+    dispatchers: list[Dispatcher | PushDispatcher] = field(default_factory=list)
     platform: Platform | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -55,20 +63,30 @@ class LocalRuntime:
     def env(self) -> dict[str, str]:
         env = {
             "MICROFL_STORE": self.store_url,
-            "MICROFL_KAFKA_BOOTSTRAP": self.bootstrap,
             "MICROFL_SECRET": self.secret,
             "PYTHONUNBUFFERED": "1",
-            **self.env_extra,
         }
+        if self.bus == "pubsub":
+            env |= {
+                "MICROFL_BUS": "pubsub",
+                "MICROFL_PUBSUB_PROJECT": PROJECT,
+                "PUBSUB_EMULATOR_HOST": self.bootstrap,
+            }
+        else:
+            env["MICROFL_KAFKA_BOOTSTRAP"] = self.bootstrap
+        env |= self.env_extra
         if os.environ.get("STORAGE_EMULATOR_HOST"):
             env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
         return env
 
     def start(self) -> LocalRuntime:
+        if self.bus not in ("kafka", "pubsub"):
+            raise ValueError(f"bus {self.bus!r}: use kafka or pubsub")
         self.platform = load_platform(self.manifests or repo_root() / "knative")
         logs = Path(self.workdir) / "logs"
         self._log_to(logs / "runtime.log")
-        ensure_topics(self.bootstrap, replication=self.replication)
+        if self.bus == "kafka":
+            ensure_topics(self.bootstrap, replication=self.replication)
         for svc in self.platform.services:
             scale = Scale(
                 svc.min_scale,
@@ -82,7 +100,9 @@ class LocalRuntime:
                 svc.name, svc.function, scale, self.env(), logs
             ).start()
         by_name = {svc.name: svc.function for svc in self.platform.services}
-        for src in self.platform.sources:
+        if self.bus == "pubsub":
+            self._start_push()
+        for src in self.platform.sources if self.bus == "kafka" else ():
             dispatcher = Dispatcher(
                 KafkaSource(
                     self.bootstrap,
@@ -103,6 +123,13 @@ class LocalRuntime:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _start_push(self) -> None:
+        sinks = {fn: self._sink(runner.url) for fn, runner in self.services.items()}
+        ensure_pubsub(self.bootstrap, PROJECT, sinks, self.subscriptions)
+        for sub in self.subscriptions:
+            push = PushDispatcher(self.bootstrap, PROJECT, sub, sinks[sub.function])
+            self.dispatchers.append(push.start())
 
     def _sink(self, url: str) -> str:
         return self.wrap_sink(url) if self.wrap_sink else url
