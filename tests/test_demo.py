@@ -1,5 +1,6 @@
-"""The demo end to end, small: a healthy run and a --chaos run (every function SIGKILLed, the
-Kafka broker restarted) with the same seeds commit identical model bytes at every round."""
+"""The demo end to end, small: a healthy run, a --chaos run (every function SIGKILLed, the
+Kafka broker restarted) and a run on Pub/Sub (--bus pubsub) with the same seeds commit identical
+model bytes at every round."""
 
 from __future__ import annotations
 
@@ -20,16 +21,19 @@ def own_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("own_state")
-def test_chaos_run_commits_the_same_models_as_the_healthy_run(tmp_path: Path) -> None:
+def test_chaos_and_pubsub_runs_commit_the_same_models_as_the_healthy_run(tmp_path: Path) -> None:
     config = DemoConfig(clients=4, rounds=3, epochs=2, processes=2, fan_in=2,
                         report=tmp_path / "healthy")
     healthy = run(config)
     chaotic = run(replace(config, chaos=True, report=tmp_path / "chaos"))
+    on_pubsub = run(replace(config, bus="pubsub", report=tmp_path / "pubsub"))
 
     assert [row["included"] for row in healthy.rows] == [4, 4, 4]
     assert [row["included"] for row in chaotic.rows] == [4, 4, 4]
     assert len(set(healthy.model_sha256)) == 4, "every round changed the model"
     assert chaotic.model_sha256 == healthy.model_sha256
+    assert on_pubsub.model_sha256 == healthy.model_sha256
+    assert [row["included"] for row in on_pubsub.rows] == [4, 4, 4]
     killed = " ".join(chaotic.chaos)
     for what in ("ingest SIGKILLed", "aggregate SIGKILLed", "finalize SIGKILLed",
                  "Kafka broker SIGKILLed", "Kafka broker restarted"):

@@ -4,6 +4,7 @@ either way; what consumes them is the platform's business (KafkaSources or push 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -111,8 +112,10 @@ class PubSubBus(EventBus):
                 future.result(timeout=self.timeout + 5)
             except Exception as exc:  # the client raises many kinds; all mean "not published"
                 errors.append(f"{topic}: {type(exc).__name__}: {exc}")
-                # A failed publish pauses its ordering key; the caller's retry resends it all.
-                publisher.resume_publish(topic, key)
+                # A failed publish pauses its ordering key (a timed-out one does not); the
+                # caller's retry resends everything, so let the key go on.
+                with contextlib.suppress(RuntimeError):
+                    publisher.resume_publish(topic, key)
         if errors:
             raise BusUnavailable(
                 f"Pub/Sub did not acknowledge {len(errors)} event(s): {'; '.join(errors[:3])}"

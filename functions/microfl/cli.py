@@ -17,9 +17,11 @@ __all__ = ["main"]
 def cmd_setup(args: argparse.Namespace) -> int:
     from microfl.local.gcs import fake_gcs_binary
     from microfl.local.kafka import ensure_kafka_libs
+    from microfl.local.pubsub import emulator_binary
 
     libs = ensure_kafka_libs()
     print(f"Kafka jars: {libs}\nGCS emulator: {fake_gcs_binary()}")
+    print(f"Pub/Sub emulator: {emulator_binary()}")
     return 0
 
 
@@ -30,12 +32,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     if args.detach:
-        argv = ["--kafka-nodes", str(args.kafka_nodes)] + (["--gcs"] if args.gcs else [])
+        argv = ["--kafka-nodes", str(args.kafka_nodes), "--bus", args.bus]
+        argv += ["--gcs"] if args.gcs else []
         print("starting the local platform in the background ...", flush=True)
         _print_state(detach(argv), time.monotonic() - t0)
         print("stop it with `microfl down`; `microfl status` lists its processes")
         return 0
-    platform = LocalPlatform(local_secret(), kafka_nodes=args.kafka_nodes, gcs=args.gcs)
+    platform = LocalPlatform(
+        local_secret(), kafka_nodes=args.kafka_nodes, gcs=args.gcs, bus=args.bus
+    )
     signal.signal(signal.SIGTERM, _interrupt)  # `microfl down` stops it like Ctrl-C
     try:
         _print_state(platform.start(), time.monotonic() - t0)
@@ -60,9 +65,13 @@ def _print_state(state: dict, seconds: float) -> None:
         print(f"  {p['role']:<16} pid {p['pid']:<8} {port:<16} log {p['log']}")
     print(
         f"  ingest URL       {state['ingest_url']}\n"
-        f"  Kafka bootstrap  {state['kafka_bootstrap']}\n  object store     {state['store']}",
+        f"  {_BUS_LABEL[state['bus']]:<16} {state['events_at']}\n"
+        f"  object store     {state['store']}",
         flush=True,
     )
+
+
+_BUS_LABEL = {"kafka": "Kafka bootstrap", "pubsub": "Pub/Sub emulator"}
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -233,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("setup", help="assemble the local Kafka from Maven Central (first run)")
+    p = sub.add_parser(
+        "setup", help="assemble the local Kafka and build the Pub/Sub emulator (first run)"
+    )
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("up", help="start the local platform")
@@ -246,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="1 combined node, or 3 nodes with RF 3 and min ISR 2",
     )
     p.add_argument("--gcs", action="store_true", help="also start the GCS emulator")
+    p.add_argument(
+        "--bus",
+        choices=("kafka", "pubsub"),
+        default="kafka",
+        help="event transport: Kafka (default) or the Pub/Sub emulator",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop the local platform started with --detach")

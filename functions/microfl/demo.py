@@ -37,6 +37,7 @@ class DemoConfig:
     processes: int = 4
     seed: int = 0
     chaos: bool = False
+    bus: str = "kafka"
     report: Path | None = None
 
 
@@ -70,7 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chaos",
         action="store_true",
-        help="SIGKILL every function and restart the Kafka broker during the run",
+        help="SIGKILL every function (and restart the Kafka broker) during the run",
+    )
+    p.add_argument(
+        "--bus",
+        choices=("kafka", "pubsub"),
+        default=d.bus,
+        help="event transport of the demo's platform: Kafka or the Pub/Sub emulator",
     )
     p.add_argument("--report", type=Path, help="report folder (default .microfl/demo/JOB)")
 
@@ -92,13 +99,19 @@ def run(config: DemoConfig) -> DemoResult:
         raise RuntimeError(
             "--chaos needs the demo's own platform; stop yours with `microfl down` first"
         )
+    if state is not None and state.get("bus", "kafka") != config.bus:
+        raise RuntimeError(
+            f"the running local platform uses {state.get('bus', 'kafka')}, not {config.bus}; "
+            "stop it with `microfl down` or leave out --bus"
+        )
     t0 = time.monotonic()
     if state is None:
+        transport = "Pub/Sub emulator" if config.bus == "pubsub" else "Kafka broker"
         print(
-            "starting the local platform (Kafka broker, file store, the three functions) ...",
+            f"starting the local platform ({transport}, file store, the three functions) ...",
             flush=True,
         )
-        platform = LocalPlatform(secret, ping_interval=2.0)
+        platform = LocalPlatform(secret, ping_interval=2.0, bus=config.bus)
         state = platform.start()
         print(
             f"  up in {time.monotonic() - t0:.1f}s; ingest at {state['ingest_url']}; "
@@ -321,7 +334,8 @@ def _clear_progress() -> None:
 
 class _Chaos:
     """SIGKILLs each function at least once (every instance it has at that moment) while rounds
-    run, and restarts the Kafka broker once, in the middle of the run."""
+    run, and restarts the Kafka broker once, in the middle of the run. (On Pub/Sub the emulator
+    is not restarted: it keeps messages in memory only, unlike the service it stands for.)"""
 
     def __init__(self, platform: Any, rounds: int) -> None:
         self.platform = platform

@@ -1,5 +1,5 @@
-"""The local platform as one unit: Kafka, the object store, the three functions and their event
-delivery, recorded in a state file.
+"""The local platform as one unit: the event transport (Kafka, or the Pub/Sub emulator), the
+object store, the three functions and their event delivery, recorded in a state file.
 
 `microfl up` runs it in the foreground (Ctrl-C or SIGTERM stops it); `--detach` runs that same
 foreground process in the background and returns once it is ready; `microfl down` stops it."""
@@ -23,6 +23,7 @@ import psutil
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.kafka import KafkaCluster
 from microfl.local.procs import repo_root, spawn, stop_process
+from microfl.local.pubsub import PubSubEmulator
 from microfl.local.runtime import LocalRuntime
 
 __all__ = ["LocalPlatform", "detach", "read_state", "state_dir", "stop_recorded"]
@@ -47,7 +48,9 @@ class LocalPlatform:
     kafka_nodes: int = 1
     gcs: bool = False
     ping_interval: float | None = 5.0
+    bus: str = "kafka"
     kafka: KafkaCluster | None = None
+    pubsub: PubSubEmulator | None = None
     emulator: FakeGcsServer | None = None
     runtime: LocalRuntime | None = None
     processes: list[dict[str, Any]] = field(default_factory=list)
@@ -65,7 +68,19 @@ class LocalPlatform:
         self.processes = [
             {"role": "supervisor", "pid": os.getpid(), "port": None, "log": str(logs / "up.log")}
         ]
-        if not bootstrap:
+        if self.bus == "pubsub":
+            self.pubsub = PubSubEmulator(logs).start()
+            assert self.pubsub.proc is not None
+            bootstrap = self.pubsub.host
+            self.processes.append(
+                {
+                    "role": "pubsub-emulator",
+                    "pid": self.pubsub.proc.pid,
+                    "port": self.pubsub.port,
+                    "log": str(self.pubsub.log_path),
+                }
+            )
+        elif not bootstrap:
             self.kafka = KafkaCluster(root / "kafka", nodes=self.kafka_nodes, logdir=logs).start()
             bootstrap = self.kafka.bootstrap
             for node in self.kafka.members:
@@ -106,10 +121,12 @@ class LocalPlatform:
             root,
             ping_interval=self.ping_interval,
             replication=3 if self.kafka_nodes == 3 else 1,
+            bus=self.bus,
         ).start()
         self.state = {
             "started": time.time(),
-            "kafka_bootstrap": bootstrap,
+            "bus": self.bus,
+            "events_at": bootstrap,
             "store": store,
             "storage_emulator_host": os.environ.get("STORAGE_EMULATOR_HOST"),
             "ingest_url": self.runtime.ingest_url,
@@ -142,6 +159,8 @@ class LocalPlatform:
             runtime.stop()
         if self.emulator is not None:
             self.emulator.stop()
+        if self.pubsub is not None:
+            self.pubsub.stop()
         if self.kafka is not None:
             self.kafka.stop()
         path = state_dir() / "state.json"

@@ -160,13 +160,15 @@ def ensure_pubsub(
     with emulator_env(host):
         publisher = pubsub_v1.PublisherClient()
         subscriber = pubsub_v1.SubscriberClient()
-    topics = sorted(set(TOPICS.values()) | {s.dead_letter_topic for s in subscriptions})
+    topics = set(TOPICS.values()) | {
+        t for s in subscriptions for t in (s.topic, s.dead_letter_topic)
+    }
 
     def create(call: Any, request: dict[str, Any]) -> None:
         with suppress(AlreadyExists):
             call(request=request)
 
-    for topic in topics:
+    for topic in sorted(topics):
         create(publisher.create_topic, {"name": publisher.topic_path(project, topic)})
     for sub in subscriptions:
         dlq = publisher.topic_path(project, sub.dead_letter_topic)
