@@ -1,5 +1,6 @@
 """What a function needs from outside, built from the environment on first use and injected
-into the service code: the object store, the event bus, the token secret and a clock."""
+into the service code: the object store, the event bus, the token secret, a clock, and who may
+push events (Pub/Sub's OIDC tokens; None: not checked)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from microfl import faults
 from microfl.bus import EventBus, KafkaBus, PubSubBus
 from microfl.errors import ConfigError
+from microfl.pushauth import PushAuth, push_auth_from_env
 from microfl.store import ObjectStore, open_store
 
 __all__ = ["Backends", "backends_from_env", "bus_from_env"]
@@ -22,6 +24,7 @@ class Backends:
     bus: EventBus
     secret: bytes = b""
     clock: Callable[[], float] = field(default=time.time)
+    push_auth: PushAuth | None = None
 
 
 def backends_from_env() -> Backends:
@@ -31,7 +34,9 @@ def backends_from_env() -> Backends:
     if not store:
         raise ConfigError("set MICROFL_STORE (file:///path or gs://bucket) for the functions")
     secret = os.environ.get("MICROFL_SECRET", "").encode()
-    return Backends(open_store(store), bus_from_env(), secret, clock=faults.clock)
+    return Backends(
+        open_store(store), bus_from_env(), secret, faults.clock, push_auth_from_env()
+    )
 
 
 def bus_from_env() -> EventBus:

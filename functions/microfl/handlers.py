@@ -129,8 +129,11 @@ def _event_function(handle: Callable[[Backends, Any], None]) -> Callable[[flask.
                 {"error": "method_not_allowed", "message": "CloudEvent functions answer POST only"},
             )
         try:
+            b = _get_backends()
+            if b.push_auth is not None:
+                b.push_auth.verify(request.headers.get("Authorization"))
             event = event_from_http(dict(request.headers), request.get_data())
-            handle(_get_backends(), event)
+            handle(b, event)
         except Exception as exc:
             return _error(exc)
         return _json(200, {"status": "done", "id": event.id})
