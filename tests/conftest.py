@@ -6,7 +6,8 @@ Set MICROFL_KAFKA_BOOTSTRAP to run the Kafka tests against an existing cluster i
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -49,7 +50,20 @@ def pubsub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubEmulator]
 
 @pytest.fixture(scope="module", params=["kafka", "pubsub"])
 def transport(request: pytest.FixtureRequest) -> SimpleNamespace:
-    """The event transport a module's runtime uses: `bus` and the LocalRuntime address."""
+    """The event transport a module's runtime uses: `bus`, the LocalRuntime address, and
+    `stall(True|False)` to SIGSTOP/SIGCONT its processes (None for an external cluster)."""
     if request.param == "kafka":
-        return SimpleNamespace(bus="kafka", address=request.getfixturevalue("kafka").bootstrap)
-    return SimpleNamespace(bus="pubsub", address=request.getfixturevalue("pubsub").host)
+        cluster = request.getfixturevalue("kafka")
+        pids = cluster.pids() if isinstance(cluster, KafkaCluster) else []
+        return SimpleNamespace(bus="kafka", address=cluster.bootstrap, stall=_staller(pids))
+    emulator = request.getfixturevalue("pubsub")
+    assert emulator.proc is not None
+    return SimpleNamespace(bus="pubsub", address=emulator.host, stall=_staller([emulator.proc.pid]))
+
+
+def _staller(pids: list[int]) -> Callable[[bool], None] | None:
+    def stall(on: bool) -> None:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP if on else signal.SIGCONT)
+
+    return stall if pids else None
