@@ -24,7 +24,9 @@ from typing import Any
 import procstat
 
 from microfl.local import runtime as runtime_module
+from microfl.local.dispatcher import Dispatcher
 from microfl.local.procs import repo_root
+from microfl.local.push import PushDispatcher
 from microfl.local.runtime import LocalRuntime
 from microfl.local.serving import ServiceRunner
 
@@ -97,12 +99,20 @@ def patches(enabled: bool) -> Any:
 
 
 class Sampled:
-    """A started LocalRuntime whose function processes (and Kafka's) are sampled every
-    `interval` s: VmHWM, CPU seconds, and how many events each KafkaSource delivered."""
+    """A started LocalRuntime whose function processes (and Kafka's, and any `others` given as
+    (role, pid)) are sampled every `interval` s: VmHWM, CPU seconds, and how many events each
+    KafkaSource (by consumer group) or push subscription (by name) delivered."""
 
-    def __init__(self, runtime: LocalRuntime, kafka_pids: list[int], interval: float = 0.25):
+    def __init__(
+        self,
+        runtime: LocalRuntime,
+        kafka_pids: list[int],
+        interval: float = 0.25,
+        others: list[tuple[str, int]] | None = None,
+    ):
         self.runtime = runtime
         self.kafka_pids = kafka_pids
+        self.others = others or []
         self.interval = interval
         self.sampler = procstat.ProcessSampler()
         self.progress: list[tuple[float, dict[str, int]]] = []
@@ -112,7 +122,7 @@ class Sampled:
 
     def roles(self) -> list[tuple[str, int]]:
         found = [(p["role"], int(p["pid"])) for p in self.runtime.processes()]
-        return found + [("kafka", pid) for pid in self.kafka_pids]
+        return found + [("kafka", pid) for pid in self.kafka_pids] + self.others
 
     def start(self) -> Sampled:
         self.sampler.sample(self.roles())
@@ -127,7 +137,7 @@ class Sampled:
 
     def sample(self) -> None:
         self.sampler.sample(self.roles())
-        delivered = {d.source.group: d.counters.delivered for d in self.runtime.dispatchers}
+        delivered = {_source(d): d.counters.delivered for d in self.runtime.dispatchers}
         if not self.progress or self.progress[-1][1] != delivered:
             self.progress.append((time.time(), delivered))
 
@@ -157,13 +167,20 @@ class Sampled:
                 for name, s in self.runtime.services.items()
             },
             "dispatch": {
-                d.source.group: {
+                _source(d): {
                     k: getattr(d.counters, k)
                     for k in ("delivered", "retried", "dead_lettered", "lost")
                 }
                 for d in self.runtime.dispatchers
             },
         }
+
+
+def _source(dispatcher: Dispatcher | PushDispatcher) -> str:
+    """A KafkaSource's consumer group, or a push subscription's name."""
+    if isinstance(dispatcher, PushDispatcher):
+        return dispatcher.sub.name
+    return dispatcher.source.group
 
 
 def loadgen(

@@ -9,8 +9,9 @@ fails to run (or, with --strict, misses a target).
     python load/bench/run.py --report-only   README.md again from the JSON files
 
 Benchmarks: fold_throughput, flower_compare, aggregate_memory, round_latency,
-ingest_throughput, hotspots. flower_compare needs flwr (pip install -e '.[bench]'); without it
-that benchmark is skipped with a note. The platform benchmarks put their stores under
+ingest_throughput, hotspots, transport_compare. flower_compare needs flwr (pip install -e
+'.[bench]'); without it that benchmark is skipped with a note. transport_compare runs the Pub/Sub
+emulator, which Go builds on first use. The platform benchmarks put their stores under
 .microfl/bench/ (the updates of 5,000 clients are 20 GB; each round's are deleted after it)."""
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ BENCHMARKS = (
     "round_latency",
     "ingest_throughput",
     "hotspots",
+    "transport_compare",
 )
-PLATFORM = {"round_latency", "ingest_throughput", "hotspots"}  # they need a Kafka broker
+# They need a Kafka broker.
+PLATFORM = {"round_latency", "ingest_throughput", "hotspots", "transport_compare"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ Service a ServiceRunner (instances between min- and max-scale, scale to zero), e
 Dispatcher posting CloudEvents to its sink Service, and the PingSource a timer posting to its
 sink (finalize's deadline and recovery sweep). With bus="pubsub" the functions publish to the
 Pub/Sub emulator instead and each push subscription (microfl.local.pubsub) is a PushDispatcher;
-the KafkaSources are not used, as in the knative/pubsub overlay."""
+the KafkaSources are not used, as in the infra/knative-pubsub overlay."""
 
 from __future__ import annotations
 
