@@ -142,8 +142,10 @@ image:
 	  *) echo "built $(IMAGE):$(IMAGE_TAG); set IMAGE to a registry path to push it";; esac
 
 # knative/ adapted to the cluster of infra/terraform (its output knative_kustomization: bucket,
-# Kafka, Workload Identity accounts) with the image of `make image`, applied with kubectl after
-# creating the namespace and, once, the token-signing secret. DRY_RUN=1 prints the manifests.
+# Kafka, Workload Identity accounts; with event_bus = "pubsub" the overlay infra/knative-pubsub/ with
+# the Pub/Sub project and push settings instead of Kafka) with the image of `make image`, applied
+# with kubectl after creating the namespace and, once, the token-signing secret. DRY_RUN=1
+# prints the manifests.
 deploy:
 	@mkdir -p .cache/gke
 	@$(TF_OUTPUT) knative_kustomization > .cache/gke/kustomization.yaml

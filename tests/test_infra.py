@@ -1,18 +1,23 @@
 """infra/terraform and `make deploy`, checked offline (nothing here reaches a cloud): OpenTofu's
 formatting, checkov's static analysis with every skipped check justified, the properties the
-platform relies on read from the parsed HCL, and knative/ rendered for GKE exactly as
-`make deploy` renders it, passing the manifest check of the local runtime.
+platform relies on read from the parsed HCL (for either event bus, Kafka or Pub/Sub), and
+knative/ and its Pub/Sub overlay infra/knative-pubsub/ rendered for GKE exactly as `make deploy`
+renders them, passing the manifest check of the local runtime.
 
 The tools come from `make infra-tools` (.cache/bin); a missing tool fails the test, it is not
 skipped, so a run that checked nothing cannot pass."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import os
 import re
 import shutil
 import subprocess
 from collections import defaultdict
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +25,17 @@ import pytest
 import yaml
 
 from microfl.events import TOPICS
-from microfl.manifests import check_documents, load_documents, platform_from_documents
+from microfl.manifests import (
+    check_documents,
+    load_documents,
+    load_platform,
+    platform_from_documents,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TERRAFORM = REPO / "infra" / "terraform"
 KNATIVE = REPO / "knative"
+KNATIVE_PUBSUB = REPO / "infra" / "knative-pubsub"
 TOOLS = REPO / ".cache" / "bin"
 FUNCTIONS = {"ingest", "aggregate", "finalize"}
 HCL = dict[str, Any]
@@ -48,10 +59,15 @@ def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 # --- formatting and static analysis -------------------------------------------------------
 
 
+def terraform() -> str:
+    """The machine's terraform where it has one, else OpenTofu (make infra-tools)."""
+    return tool("terraform" if (TOOLS / "terraform").exists() else "tofu")
+
+
 def test_terraform_is_formatted() -> None:
     """terraform fmt where the machine has terraform, else OpenTofu's (make infra-tools)."""
-    name = "terraform" if (TOOLS / "terraform").exists() else "tofu"
-    done = run([tool(name), "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)])
+    name = Path(terraform()).name
+    done = run([terraform(), "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)])
     assert done.returncode == 0, (
         f"run `.cache/bin/{name} fmt -recursive infra/terraform`:\n{done.stdout}{done.stderr}"
     )
@@ -110,13 +126,15 @@ def plain(value: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def tf() -> dict[str, Any]:
-    """All of infra/terraform/*.tf: resources[type][name], data, locals, variables, outputs."""
+    """All of infra/terraform/*.tf: resource[type][name], data[type][name], locals, variables,
+    outputs, and each file's own tree."""
     try:
         import hcl2
     except ImportError:
         pytest.fail("python-hcl2 is missing: pip install -e '.[infra]'", pytrace=False)
     merged: dict[str, Any] = {
         "resource": defaultdict(dict),
+        "data": defaultdict(dict),
         "locals": {},
         "variable": {},
         "output": {},
@@ -126,9 +144,10 @@ def tf() -> dict[str, Any]:
         with path.open() as f:
             tree = hcl2.load(f)
         merged["files"][path.name] = tree
-        for block in tree.get("resource", []):
-            for rtype, named in plain(block).items():
-                merged["resource"][rtype].update(named)
+        for kind in ("resource", "data"):
+            for block in tree.get(kind, []):
+                for rtype, named in plain(block).items():
+                    merged[kind][rtype].update(named)
         for block in tree.get("locals", []):
             merged["locals"].update(plain(block))
         for kind in ("variable", "output"):
@@ -154,6 +173,89 @@ def block(value: Any) -> HCL:
     return value[0]  # type: ignore[no-any-return]
 
 
+def settings(tf: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """The variables' defaults, with some given."""
+    return {name: v.get("default") for name, v in tf["variable"].items()} | given
+
+
+def python_of(tf: dict[str, Any], expr: str, variables: dict[str, Any]) -> str:
+    """A boolean HCL expression of variables and locals (==, !=, &&, ||, !) as Python."""
+    body = expr[2:-1] if expr.startswith("${") else expr
+    body = re.sub(r"!(?!=)", " not ", body).replace("&&", " and ").replace("||", " or ")
+
+    def value(match: re.Match[str]) -> str:
+        kind, name = match.groups()
+        found = variables[name] if kind == "var" else tf["locals"][name]
+        if kind == "local" and isinstance(found, str) and found.startswith("${"):
+            return f"({python_of(tf, found, variables)})"
+        return repr(found)
+
+    return re.sub(r"\b(var|local)\.(\w+)", value, body)
+
+
+def hcl_true(tf: dict[str, Any], expr: str, variables: dict[str, Any]) -> bool:
+    return bool(eval(python_of(tf, expr, variables)))  # our own HCL, translated above
+
+
+GATE = re.compile(r"\$\{(.+?) \? .+ : (?:0|\{\}|\[\])\}")  # condition ? ... : nothing
+
+
+def exists(tf: dict[str, Any], declared: HCL, variables: dict[str, Any]) -> bool:
+    """Whether Terraform creates a resource (or reads a data source) with these variables: a
+    count or for_each of the form `condition ? ... : 0` (or {} or []) decides, anything else
+    always creates it."""
+    gate = declared.get("count", declared.get("for_each"))
+    match = GATE.fullmatch(gate) if isinstance(gate, str) else None
+    return hcl_true(tf, match.group(1), variables) if match else True
+
+
+INNERMOST = re.compile(r"\$\{([^${}]*)\}")
+
+
+def hcl_value(tf: dict[str, Any], value: Any, key: str, each: HCL) -> Any:
+    """An attribute of a for_each resource for one key: each.key, each.value.x and locals
+    resolved; references to resources, and locals that are expressions, stay as ${...} text."""
+    if not isinstance(value, str):
+        return value
+
+    def with_each(ref: str) -> str:
+        ref = re.sub(r"\beach\.key\b", json.dumps(key), ref)
+        return re.sub(r"\beach\.value\.(\w+)", lambda m: json.dumps(each[m.group(1)]), ref)
+
+    def lookup(ref: str) -> Any:  # None: not ours to resolve
+        try:
+            return json.loads(ref)
+        except ValueError:
+            pass
+        path = re.fullmatch(r'local\.(\w+)((?:\.\w+|\["[^"]*"\])*)', ref)
+        if path is None:
+            return None
+        found = tf["locals"][path.group(1)]
+        for attr, index in re.findall(r'\.(\w+)|\["([^"]*)"\]', path.group(2)):
+            found = found[attr or index]
+        if isinstance(found, str) and found.startswith("${") and found.endswith("}"):
+            return None
+        return hcl_value(tf, found, key, each)
+
+    whole = INNERMOST.fullmatch(value)
+    if whole:
+        found = lookup(with_each(whole.group(1)))
+        return "${" + with_each(whole.group(1)) + "}" if found is None else found
+    kept: list[str] = []
+
+    def resolve(match: re.Match[str]) -> str:
+        ref = with_each(match.group(1))
+        found = lookup(ref)
+        if found is None:
+            kept.append("${" + ref + "}")
+            return f"\0{len(kept) - 1}\0"
+        return str(found)
+
+    while (resolved := INNERMOST.sub(resolve, value)) != value:
+        value = resolved
+    return re.sub(r"\0(\d+)\0", lambda m: kept[int(m.group(1))], value)
+
+
 def test_files_by_concern() -> None:
     for name in (
         "versions.tf",
@@ -163,6 +265,7 @@ def test_files_by_concern() -> None:
         "iam.tf",
         "registry.tf",
         "kafka.tf",
+        "pubsub.tf",
         "knative.tf",
         "chaos.tf",
         "outputs.tf",
@@ -178,6 +281,11 @@ def test_variables_and_outputs(tf: dict[str, Any]) -> None:
         assert output.get("description"), f"output {name}: describe it"
     assert {"ingest_url", "bucket", "kafka_bootstrap_servers"} <= set(tf["output"])
     assert {"node_machine_type", "node_min_per_zone", "node_max_per_zone"} <= set(tf["variable"])
+    bus = tf["variable"]["event_bus"]
+    assert bus["default"] == "kafka"
+    assert (
+        block(bus["validation"])["condition"] == '${contains(["kafka", "pubsub"], var.event_bus)}'
+    )
 
 
 def test_remote_state_example() -> None:
@@ -376,13 +484,235 @@ def test_managed_kafka_alternative(tf: dict[str, Any]) -> None:
     }
 
 
-def test_knative_with_the_kafka_source(tf: dict[str, Any]) -> None:
+OPTIONAL = re.compile(r"(\S+(?: [=!]= \S+)?) \? (\[[^\[\]]*\]) : \[\]")  # cond ? [...] : []
+
+
+def chosen(tf: dict[str, Any], expr: str, variables: dict[str, Any]) -> str:
+    """An HCL expression with each `condition ? [...] : []` replaced by the list, or by [], as
+    the variables decide."""
+    return OPTIONAL.sub(lambda m: m.group(2) if hcl_true(tf, m.group(1), variables) else "[]", expr)
+
+
+def test_knative_eventing_with_the_kafka_source_and_sink_for_kafka_only(
+    tf: dict[str, Any],
+) -> None:
+    """Serving with either bus; Eventing (its namespace and the KnativeEventing with the Kafka
+    source and sink) with event_bus = "kafka" only: on Pub/Sub nothing runs on it (the overlay
+    has no Eventing objects, test_pubsub_overlay_has_no_knative_eventing)."""
     assert resource(tf, "helm_release", "knative_operator")["chart"] == "knative-operator"
-    eventing = tf["locals"]["knative_eventing"]
-    assert eventing["spec"]["source"] == {"kafka": {"enabled": True}}
-    assert any("eventing-kafka-sink" in m["URL"] for m in eventing["spec"]["additionalManifests"])
     serving = tf["locals"]["knative_serving"]
     assert serving["spec"]["ingress"]["kourier"]["enabled"] is True
+    eventing = tf["locals"]["knative_eventing"]
+    assert eventing["kind"] == "KnativeEventing"
+    assert eventing["spec"]["source"] == {"kafka": {"enabled": True}}
+    assert any("eventing-kafka-sink" in m["URL"] for m in eventing["spec"]["additionalManifests"])
+    assert eventing["spec"]["config"]["features"] == {"delivery-timeout": "enabled"}
+    [values] = resource(tf, "helm_release", "knative")["values"]  # the objects of the release
+    namespaces = tf["locals"]["knative_manifests"]
+    for bus in ("kafka", "pubsub"):
+        variables, kafka = settings(tf, event_bus=bus), bus == "kafka"
+        installed = chosen(tf, values, variables)
+        assert "local.knative_manifests" in installed and "local.knative_serving" in installed
+        assert ("local.knative_eventing" in installed) is kafka, (bus, installed)
+        named = chosen(tf, namespaces, variables)
+        assert '"knative-serving"' in named
+        assert ('"knative-eventing"' in named) is kafka, (bus, named)
+
+
+# Created only with event_bus = "kafka" and this kafka_mode.
+KAFKA_ONLY = {
+    ("helm_release", "strimzi"): "strimzi",
+    ("helm_release", "kafka"): "strimzi",
+    ("google_managed_kafka_cluster", "microfl"): "managed",
+    ("google_managed_kafka_topic", "microfl"): "managed",
+}
+
+
+def declared(tree: dict[str, Any], kind: str) -> set[tuple[str, str]]:
+    """(type, name) of every resource or data source of one file's tree."""
+    return {
+        (rtype, name)
+        for part in tree.get(kind, [])
+        for rtype, named in plain(part).items()
+        for name in named
+    }
+
+
+def test_each_event_bus_creates_only_its_own_resources(tf: dict[str, Any]) -> None:
+    """Kafka's resources with event_bus = "kafka" only (and its kafka_mode), everything of
+    pubsub.tf with "pubsub" only; the cluster, bucket, registry, Knative and the functions'
+    accounts with either."""
+    pubsub = declared(tf["files"]["pubsub.tf"], "resource")
+    assert ("google_pubsub_subscription", "push") in pubsub
+    for bus, mode in product(("kafka", "pubsub"), ("strimzi", "managed")):
+        variables = settings(tf, event_bus=bus, kafka_mode=mode)
+        for rtype, named in tf["resource"].items():
+            for name, found in named.items():
+                if (rtype, name) in KAFKA_ONLY:
+                    wanted = bus == "kafka" and mode == KAFKA_ONLY[rtype, name]
+                else:
+                    wanted = (rtype, name) not in pubsub or bus == "pubsub"
+                assert exists(tf, found, variables) is wanted, (rtype, name, bus, mode)
+        project = tf["data"]["google_project"]["current"]  # the Pub/Sub service agent's number
+        assert exists(tf, project, variables) is (bus == "pubsub")
+
+
+def topic_ref(name: str, attr: str = "id") -> str:
+    return f'${{google_pubsub_topic.microfl["{name}"].{attr}}}'
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)s", duration)
+    assert match, f"{duration!r} is not a duration in seconds, such as 1s or 0.5s"
+    return float(match.group(1))
+
+
+def test_pubsub_topics_are_the_events_topics_and_their_dead_letters(tf: dict[str, Any]) -> None:
+    from microfl.local.pubsub import SUBSCRIPTIONS
+
+    topics = tf["locals"]["pubsub_topics"]
+    assert len(topics) == len(set(topics))
+    assert set(topics) == set(TOPICS.values()) | {s.dead_letter_topic for s in SUBSCRIPTIONS}
+    assert set(topics) <= set(tf["locals"]["kafka_topics"]), "the Kafka topics' names"
+    topic = resource(tf, "google_pubsub_topic", "microfl")
+    assert topic["for_each"] == "${local.pubsub_bus ? toset(local.pubsub_topics) : []}"
+    assert topic["name"] == "${each.key}"
+
+
+def test_push_subscriptions_are_the_local_platforms(tf: dict[str, Any]) -> None:
+    """Every field of SUBSCRIPTIONS (functions/microfl/local/pubsub.py, what the local platform
+    and the data-plane tests run) as pubsub.tf creates it; a new field fails until compared."""
+    from microfl.local.pubsub import SUBSCRIPTIONS, PushSubscription
+
+    compared = "name topic function ordered ack_deadline min_backoff max_backoff max_attempts"
+    assert [f.name for f in dataclasses.fields(PushSubscription)] == compared.split()
+    subscriptions = tf["locals"]["push_subscriptions"]
+    assert set(subscriptions) == {s.name for s in SUBSCRIPTIONS}
+    push = resource(tf, "google_pubsub_subscription", "push")
+    assert push["for_each"] == "${local.pubsub_bus ? local.push_subscriptions : {}}"
+    config, retry = block(push["push_config"]), block(push["retry_policy"])
+    dead, oidc = block(push["dead_letter_policy"]), block(config["oidc_token"])
+    platform = load_platform(KNATIVE)
+    for sub in SUBSCRIPTIONS:
+
+        def value(attribute: Any, sub: Any = sub) -> Any:
+            return hcl_value(tf, attribute, sub.name, subscriptions[sub.name])
+
+        # The Knative route of the function's Service (knative/), over HTTPS.
+        service = platform.service(sub.function)
+        endpoint = f"https://{service.name}.{tf['locals']['namespace']}.${{local.domain}}/"
+        assert {
+            "name": value(push["name"]),
+            "topic": value(push["topic"]),
+            "endpoint": value(config["push_endpoint"]),
+            "ordered": value(push["enable_message_ordering"]),
+            "ack_deadline": value(push["ack_deadline_seconds"]),
+            "min_backoff": seconds(value(retry["minimum_backoff"])),
+            "max_backoff": seconds(value(retry["maximum_backoff"])),
+            "max_attempts": value(dead["max_delivery_attempts"]),
+            "dead_letter_topic": value(dead["dead_letter_topic"]),
+            "audience": value(oidc["audience"]),
+        } == {
+            "name": sub.name,
+            "topic": topic_ref(sub.topic),
+            "endpoint": endpoint,
+            "ordered": sub.ordered,
+            "ack_deadline": sub.ack_deadline,
+            "min_backoff": sub.min_backoff,
+            "max_backoff": sub.max_backoff,
+            "max_attempts": sub.max_attempts,
+            "dead_letter_topic": topic_ref(sub.dead_letter_topic),
+            "audience": endpoint,
+        }, sub.name
+        # Pub/Sub's limits; and no redelivery while the function may still be working on it.
+        assert 10 <= sub.ack_deadline <= 600 and 5 <= sub.max_attempts <= 100
+        assert sub.min_backoff <= sub.max_backoff <= 600
+        assert sub.ack_deadline >= service.timeout_seconds, sub.name
+    assert block(config["no_wrapper"]) == {"write_metadata": True}  # a binary-mode CloudEvent
+    assert oidc["service_account_email"] == "${google_service_account.pusher[0].email}"
+    assert block(push["expiration_policy"]) == {"ttl": ""}
+
+
+def test_dead_letters_are_kept_and_the_service_agent_may_move_them(tf: dict[str, Any]) -> None:
+    from microfl.local.pubsub import SUBSCRIPTIONS
+
+    subscriptions = tf["locals"]["push_subscriptions"]
+    kept = resource(tf, "google_pubsub_subscription", "dead_letter")
+    publish = resource(tf, "google_pubsub_topic_iam_member", "dead_letter")
+    acknowledge = resource(tf, "google_pubsub_subscription_iam_member", "dead_letter")
+    for each in (kept, publish, acknowledge):
+        assert each["for_each"] == "${local.pubsub_bus ? local.push_subscriptions : {}}"
+    for sub in SUBSCRIPTIONS:
+
+        def value(attribute: Any, sub: Any = sub) -> Any:
+            return hcl_value(tf, attribute, sub.name, subscriptions[sub.name])
+
+        # A pull subscription per dead-letter topic, as ensure_pubsub creates locally.
+        assert value(kept["name"]) == f"{sub.name}-dlq"
+        assert value(kept["topic"]) == topic_ref(sub.dead_letter_topic)
+        assert value(publish["topic"]) == topic_ref(sub.dead_letter_topic, "name")
+        assert value(acknowledge["subscription"]) == (
+            f'${{google_pubsub_subscription.push["{sub.name}"].name}}'
+        )
+    assert block(kept["expiration_policy"]) == {"ttl": ""}
+    assert publish["role"] == "roles/pubsub.publisher"
+    assert acknowledge["role"] == "roles/pubsub.subscriber"
+    token = resource(tf, "google_service_account_iam_member", "pusher_token_creator")
+    assert token["role"] == "roles/iam.serviceAccountTokenCreator"
+    assert token["service_account_id"] == "${google_service_account.pusher[0].name}"
+    for grant in (publish, acknowledge, token):
+        assert grant["member"] == "${local.pubsub_agent}"
+    number = "${data.google_project.current[0].number}"
+    agent = f"serviceAccount:service-{number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+    assert tf["locals"]["pubsub_agent"] == f'${{local.pubsub_bus ? "{agent}" : ""}}'
+    pusher = resource(tf, "google_service_account", "pusher")
+    assert pusher["account_id"] == "${var.cluster_name}-pusher"
+
+
+def emitted_topics() -> dict[str, set[str]]:
+    """The topics each function's code publishes to: the events it builds with microfl.events'
+    constructors (events.update_accepted(...) is UPDATE_ACCEPTED), through TOPICS."""
+    from microfl import events
+
+    found = {}
+    for function in FUNCTIONS:
+        code = (REPO / "functions" / "microfl" / f"{function}.py").read_text()
+        kinds = {
+            getattr(events, name.upper(), None) for name in re.findall(r"\bevents\.(\w+)\(", code)
+        }
+        found[function] = {TOPICS[kind] for kind in kinds if kind in TOPICS}
+    return found
+
+
+def test_each_function_publishes_only_to_its_own_topics(tf: dict[str, Any]) -> None:
+    emitted = emitted_topics()
+    assert emitted == {
+        "ingest": {"microfl.finalize"},  # update.accepted
+        "aggregate": {"microfl.finalize"},  # partial.ready
+        "finalize": {"microfl.aggregate", "microfl.rounds"},  # partial.requested, round.committed
+    }
+    granted = defaultdict(set)
+    for grant in tf["locals"]["pubsub_publishers"].values():
+        granted[grant["function"]].add(grant["topic"])
+    assert granted == emitted
+    publisher = resource(tf, "google_pubsub_topic_iam_member", "publisher")
+    assert publisher["for_each"] == "${local.pubsub_bus ? local.pubsub_publishers : {}}"
+    assert publisher["role"] == "roles/pubsub.publisher"
+    assert publisher["topic"] == "${google_pubsub_topic.microfl[each.value.topic].name}"
+    assert publisher["member"] == "${google_service_account.function[each.value.function].member}"
+    # No other grant of a Pub/Sub role anywhere, and none on the project.
+    pubsub_grants = {
+        (rtype, name)
+        for rtype, named in tf["resource"].items()
+        for name, found in named.items()
+        if rtype.endswith(("_iam_member", "_iam_binding", "_iam_policy"))
+        and "pubsub" in str(found.get("role", found.get("policy_data", "")))
+    }
+    assert pubsub_grants == {
+        ("google_pubsub_topic_iam_member", "publisher"),
+        ("google_pubsub_topic_iam_member", "dead_letter"),
+        ("google_pubsub_subscription_iam_member", "dead_letter"),
+    }
 
 
 def test_chaos_mesh_on_containerd(tf: dict[str, Any]) -> None:
@@ -396,34 +726,70 @@ def test_chaos_mesh_on_containerd(tf: dict[str, Any]) -> None:
 # --- knative/ rendered for GKE ------------------------------------------------------------
 
 TEMPLATE = TERRAFORM / "templates" / "knative-gke.kustomization.yaml.tftpl"
-PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+# What outputs.tf gives the template for a cluster of project test-project with domain
+# fl.example.com: with event_bus = "kafka", and with "pubsub".
 GKE = {
+    "event_bus": "kafka",
     "bucket": "test-project-microfl",
     "kafka_bootstrap": "microfl-kafka-bootstrap.kafka.svc.cluster.local:9092",
+    "project_id": "test-project",
+    "pusher_service_account": "",
+    "aggregate_push_audience": "https://microfl-aggregate.microfl.fl.example.com/",
+    "finalize_push_audience": "https://microfl-finalize.microfl.fl.example.com/",
     "ingest_service_account": "microfl-ingest@test-project.iam.gserviceaccount.com",
     "aggregate_service_account": "microfl-aggregate@test-project.iam.gserviceaccount.com",
     "finalize_service_account": "microfl-finalize@test-project.iam.gserviceaccount.com",
 }
+GKE_PUBSUB = GKE | {
+    "event_bus": "pubsub",
+    "pusher_service_account": "microfl-pusher@test-project.iam.gserviceaccount.com",
+}
 REGISTRY = "europe-west1-docker.pkg.dev/test-project/microfl/microfl"
+Docs = list[dict[str, Any]]
 
 
 def test_template_gets_every_value_it_names(tf: dict[str, Any]) -> None:
     value = tf["output"]["knative_kustomization"]["value"]  # templatefile("...", {k = v, ...})
     path, _, variables = value.partition(", {")
     assert path.endswith(f'templates/{TEMPLATE.name}"')
-    given = set(re.findall(r"(\w+) = ", variables))
-    assert set(PLACEHOLDER.findall(TEMPLATE.read_text())) == given == set(GKE)
+    given = dict(re.findall(r"(\w+) = (.+?)(?=, \w+ = |\}\)\}$)", variables))
+    text = TEMPLATE.read_text()
+    named = set(re.findall(r"\$\{(\w+)\}", text)) | set(re.findall(r"%\{ *if (\w+)", text))
+    assert named == set(given) == set(GKE)
+    # The push settings are pubsub.tf's, for the overlay's microfl-push ConfigMap.
+    assert given["event_bus"] == "var.event_bus"
+    assert given["aggregate_push_audience"] == 'local.push_endpoints["aggregate"]'
+    assert given["finalize_push_audience"] == 'local.push_endpoints["finalize"]'
+    assert "google_service_account.pusher[0].email" in given["pusher_service_account"]
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def render_template(values: dict[str, str], workdir: Path) -> str:
+    """templatefile() of the template, evaluated by Terraform itself (a configuration without
+    providers needs no `terraform init`, so this runs offline)."""
+    workdir.mkdir()
+    (workdir / "main.tf").write_text(
+        'variable "values" {\n  type = map(string)\n}\n'
+        f'output "text" {{\n  value = templatefile({json.dumps(str(TEMPLATE))}, var.values)\n}}\n'
+    )
+    (workdir / "values.auto.tfvars.json").write_text(json.dumps({"values": values}))
+    env = os.environ | {"TF_CLI_CONFIG_FILE": os.devnull, "TF_IN_AUTOMATION": "1"}
+    applied = run(
+        [terraform(), f"-chdir={workdir}", "apply", "-auto-approve", "-input=false", "-no-color"],
+        env=env,
+    )
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    output = run([terraform(), f"-chdir={workdir}", "output", "-raw", "text"], env=env)
+    assert output.returncode == 0, output.stderr
+    return output.stdout
+
+
+def deploy_dry_run(values: dict[str, str], root: Path) -> Docs:
     """`make deploy DRY_RUN=1` in a copy of the checkout, with a stand-in for `terraform output`
-    that prints what the real one would for a cluster (the template rendered with GKE)."""
-    root = tmp_path_factory.mktemp("deploy")
+    that prints what the real one would for a cluster (the template rendered with values)."""
     shutil.copy(REPO / "Makefile", root / "Makefile")
     shutil.copytree(KNATIVE, root / "knative")
-    overlay = PLACEHOLDER.sub(lambda m: GKE[m.group(1)], TEMPLATE.read_text())
-    (root / "kustomization.out").write_text(overlay)
+    shutil.copytree(KNATIVE_PUBSUB, root / "infra" / "knative-pubsub")
+    (root / "kustomization.out").write_text(render_template(values, root / "template"))
     fake = root / "terraform"
     fake.write_text(
         "#!/bin/sh\n# terraform -chdir=infra/terraform output -raw NAME\n"
@@ -447,30 +813,250 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
-def test_rendered_for_gke_passes_the_manifest_check(rendered: list[dict[str, Any]]) -> None:
-    assert check_documents(rendered) == []
-    platform = platform_from_documents(rendered)
-    assert {s.function for s in platform.services} == FUNCTIONS
+def by_kind(docs: Docs) -> dict[str, dict[str, dict[str, Any]]]:
+    """docs[kind][name]."""
+    kinds: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for doc in docs:
+        kinds[doc["kind"]][doc["metadata"]["name"]] = doc
+    return kinds
 
 
-def test_rendered_for_gke_has_the_cluster_values(rendered: list[dict[str, Any]]) -> None:
-    kinds = defaultdict(list)
-    for doc in rendered:
-        kinds[doc["kind"]].append(doc)
-        assert doc["metadata"]["namespace"] == "microfl", doc["metadata"]
-    assert "Secret" not in kinds, "make deploy creates the secret; the example must not be applied"
-    [config] = kinds["ConfigMap"]
-    assert config["data"] == {
+def env_of(service: dict[str, Any], docs: Docs) -> dict[str, str]:
+    """A Service's container env as the pod gets it: literal values, and configMapKeyRef values
+    looked up in the rendered ConfigMaps (envFrom left out)."""
+    maps = by_kind(docs)["ConfigMap"]
+    [container] = service["spec"]["template"]["spec"]["containers"]
+    env = {}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            env[var["name"]] = maps[ref["name"]]["data"][ref["key"]]
+    return env
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Docs:
+    return deploy_dry_run(GKE, tmp_path_factory.mktemp("deploy"))
+
+
+@pytest.fixture(scope="module")
+def rendered_pubsub(tmp_path_factory: pytest.TempPathFactory) -> Docs:
+    return deploy_dry_run(GKE_PUBSUB, tmp_path_factory.mktemp("deploy-pubsub"))
+
+
+def test_rendered_for_gke_passes_the_manifest_check(rendered: Docs, rendered_pubsub: Docs) -> None:
+    for docs in (rendered, rendered_pubsub):
+        assert check_documents(docs) == []
+        platform = platform_from_documents(docs)
+        assert {s.function for s in platform.services} == FUNCTIONS
+    pubsub = platform_from_documents(rendered_pubsub)
+    assert pubsub.sources == () and pubsub.ping is None
+
+
+def test_rendered_for_gke_has_the_cluster_values(rendered: Docs, rendered_pubsub: Docs) -> None:
+    for docs in (rendered, rendered_pubsub):
+        kinds = by_kind(docs)
+        for doc in docs:
+            assert doc["metadata"]["namespace"] == "microfl", doc["metadata"]
+        assert "Secret" not in kinds, (
+            "make deploy creates the secret; the example must not be applied"
+        )
+        for service in kinds["Service"].values():
+            [container] = service["spec"]["template"]["spec"]["containers"]
+            assert container["image"] == f"{REGISTRY}:0123abcd"
+        for account in kinds["ServiceAccount"].values():
+            function = account["metadata"]["name"].removeprefix("microfl-")
+            assert account["metadata"]["annotations"] == {
+                "iam.gke.io/gcp-service-account": GKE[f"{function}_service_account"]
+            }
+    kinds = by_kind(rendered)
+    assert kinds["ConfigMap"]["microfl-config"]["data"] == {
         "MICROFL_STORE": f"gs://{GKE['bucket']}",
         "MICROFL_KAFKA_BOOTSTRAP": GKE["kafka_bootstrap"],
     }
-    for service in kinds["Service"]:
-        [container] = service["spec"]["template"]["spec"]["containers"]
-        assert container["image"] == f"{REGISTRY}:0123abcd"
-    for doc in kinds["KafkaSource"] + kinds["KafkaSink"]:
+    assert set(kinds["KafkaSource"]) == {"microfl-aggregate", "microfl-finalize"}
+    for doc in [*kinds["KafkaSource"].values(), *kinds["KafkaSink"].values()]:
         assert doc["spec"]["bootstrapServers"] == [GKE["kafka_bootstrap"]], doc["metadata"]
-    for account in kinds["ServiceAccount"]:
-        function = account["metadata"]["name"].removeprefix("microfl-")
-        assert account["metadata"]["annotations"] == {
-            "iam.gke.io/gcp-service-account": GKE[f"{function}_service_account"]
-        }
+
+
+def test_rendered_for_gke_with_pubsub_has_the_push_settings(
+    rendered: Docs, rendered_pubsub: Docs
+) -> None:
+    kinds = by_kind(rendered_pubsub)
+    assert eventing_objects(rendered_pubsub) == set()
+    assert kinds["ConfigMap"]["microfl-config"]["data"] == {
+        "MICROFL_STORE": f"gs://{GKE['bucket']}",
+        "MICROFL_BUS": "pubsub",
+        "MICROFL_PUBSUB_PROJECT": GKE_PUBSUB["project_id"],
+    }
+    for function in ("aggregate", "finalize"):
+        env = env_of(kinds["Service"][f"microfl-{function}"], rendered_pubsub)
+        assert env["MICROFL_PUSH_AUDIENCE"] == GKE_PUBSUB[f"{function}_push_audience"]
+        assert env["MICROFL_PUSH_INVOKER"] == GKE_PUBSUB["pusher_service_account"]
+    ingest = kinds["Service"]["microfl-ingest"]
+    assert ingest == by_kind(rendered)["Service"]["microfl-ingest"]
+    assert "MICROFL_PUSH_AUDIENCE" not in env_of(ingest, rendered_pubsub)
+
+
+# --- infra/knative-pubsub/: knative/ with Pub/Sub instead of Kafka ------------------------------
+
+VISIBILITY = "networking.knative.dev/visibility"
+
+
+def eventing_objects(docs: Docs) -> set[tuple[str, str]]:
+    """(kind, name) of the objects of Knative Eventing's API groups (sources.knative.dev,
+    eventing.knative.dev, ...: every *.knative.dev but Serving's)."""
+    found = set()
+    for doc in docs:
+        group = doc["apiVersion"].partition("/")[0]
+        if group.endswith(".knative.dev") and group != "serving.knative.dev":
+            found.add((doc["kind"], doc["metadata"]["name"]))
+    return found
+
+
+def kustomize_build(path: Path) -> Docs:
+    done = run([tool("kustomize"), "build", str(path)])
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def kafka_docs() -> Docs:
+    return kustomize_build(KNATIVE)
+
+
+@pytest.fixture(scope="module")
+def pubsub_docs() -> Docs:
+    return kustomize_build(KNATIVE_PUBSUB)
+
+
+def test_pubsub_overlay_passes_the_manifest_check(pubsub_docs: Docs) -> None:
+    assert check_documents(pubsub_docs) == []
+    platform = platform_from_documents(pubsub_docs)
+    assert {s.function for s in platform.services} == FUNCTIONS
+    assert platform.sources == () and platform.ping is None
+
+
+def test_pubsub_overlay_has_no_knative_eventing(kafka_docs: Docs, pubsub_docs: Docs) -> None:
+    """No Kafka, and nothing that needs Knative Eventing, which a Pub/Sub cluster does not
+    install (infra/terraform/knative.tf): no KafkaSources and KafkaSinks (push subscriptions
+    and Pub/Sub's dead-letter topics instead) and no PingSource (Cloud Scheduler instead)."""
+    assert {kind for kind, _ in eventing_objects(kafka_docs)} == {
+        "KafkaSource",
+        "KafkaSink",
+        "PingSource",
+    }
+    assert eventing_objects(pubsub_docs) == set()
+    kinds = by_kind(pubsub_docs)
+    # The bus and the topics' project; no Kafka bootstrap servers left behind.
+    assert kinds["ConfigMap"]["microfl-config"]["data"] == {
+        "MICROFL_STORE": "gs://BUCKET",
+        "MICROFL_BUS": "pubsub",
+        "MICROFL_PUBSUB_PROJECT": "PROJECT_ID",
+    }
+
+
+def test_pubsub_overlay_opens_aggregate_and_finalize_to_checked_pushes_only(
+    tf: dict[str, Any], kafka_docs: Docs, pubsub_docs: Docs
+) -> None:
+    """aggregate and finalize: public routes (Pub/Sub pushes to public HTTPS endpoints only)
+    and the OIDC check of each push, for the endpoint and account pubsub.tf sets; otherwise the
+    very Services of knative/. ingest unchanged."""
+    kafka, pubsub = by_kind(kafka_docs), by_kind(pubsub_docs)
+    invoker = (
+        f"{tf['variable']['cluster_name']['default']}-pusher@PROJECT_ID.iam.gserviceaccount.com"
+    )
+    for function in ("aggregate", "finalize"):
+        name = f"microfl-{function}"
+        base, service = kafka["Service"][name], pubsub["Service"][name]
+        assert base["metadata"]["labels"][VISIBILITY] == "cluster-local"  # on Kafka
+        assert VISIBILITY not in service["metadata"]["labels"]
+        env = env_of(service, pubsub_docs)
+        endpoint = hcl_value(tf, tf["locals"]["push_endpoints"][function], "", {})
+        assert env["MICROFL_PUSH_AUDIENCE"] == endpoint.replace("${local.domain}", "DOMAIN")
+        assert env["MICROFL_PUSH_INVOKER"] == invoker
+        assert env_of(base, kafka_docs).items() <= env.items()
+        expected = copy.deepcopy(base)
+        del expected["metadata"]["labels"][VISIBILITY]
+        unpushed = copy.deepcopy(service)
+        [container] = unpushed["spec"]["template"]["spec"]["containers"]
+        container["env"] = [
+            v for v in container["env"] if not v["name"].startswith("MICROFL_PUSH_")
+        ]
+        assert unpushed == expected
+    assert pubsub["Service"]["microfl-ingest"] == kafka["Service"]["microfl-ingest"]
+
+
+def test_cloud_scheduler_pings_finalize_as_the_ping_source_does(
+    tf: dict[str, Any], pubsub_docs: Docs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Pub/Sub finalize refuses every request without the pusher's OIDC token, which
+    knative/ping.yaml's PingSource cannot send; pubsub.tf's Cloud Scheduler job sends its ping
+    instead: on the same schedule, to finalize, as a CloudEvent finalize sweeps on, with a token
+    finalize accepts."""
+    from microfl import events
+    from microfl import finalize as finalize_service
+    from microfl.serde import event_from_http
+
+    [source] = [d for d in load_documents(KNATIVE) if d["kind"] == "PingSource"]
+    platform = load_platform(KNATIVE)
+    ping, finalize = platform.ping, platform.service("finalize")
+    assert ping is not None and ping.sink == finalize.name
+    job = resource(tf, "google_cloud_scheduler_job", "deadlines")
+
+    def value(attribute: Any) -> Any:
+        return hcl_value(tf, attribute, "", {})
+
+    # When: the PingSource's schedule, which Knative reads in UTC (no spec.timezone).
+    assert job["name"] == ping.name
+    assert job["schedule"] == ping.schedule
+    assert "timezone" not in source["spec"] and job["time_zone"] == "Etc/UTC"
+    # Where: finalize's Knative route, where the push subscription delivers too.
+    target = block(job["http_target"])
+    endpoint = f"https://{finalize.name}.{tf['locals']['namespace']}.${{local.domain}}/"
+    assert target["http_method"] == "POST"
+    assert value(target["uri"]) == endpoint == value(tf["locals"]["push_endpoints"]["finalize"])
+    # What: the PingSource's data, in a binary-mode CloudEvent that finalize decodes as a ping
+    # and answers with the sweep.
+    body = re.fullmatch(r'\$\{base64encode\(("(?:[^"\\]|\\.)*")\)\}', target["body"])
+    assert body, f"the body is not base64encode() of a literal: {target['body']}"
+    data = json.loads(body.group(1))
+    assert data == source["spec"]["data"]
+    headers = {name: value(v) for name, v in target["headers"].items()}
+    assert headers["Content-Type"] == source["spec"]["contentType"]
+    assert headers["ce-specversion"] == "1.0"
+    assert headers["ce-source"].endswith(f"/jobs/{job['name']}")
+    event = event_from_http(headers, data.encode())
+    assert event.type == events.PING and event.data == json.loads(data)
+    swept: list[Any] = []
+    monkeypatch.setattr(finalize_service, "sweep", swept.append)
+    backends = object()
+    finalize_service.handle(backends, event)  # type: ignore[arg-type]
+    assert swept == [backends]
+    # Who: a token for the pusher account with finalize's endpoint as audience, which is what
+    # finalize checks (MICROFL_PUSH_INVOKER, MICROFL_PUSH_AUDIENCE from the microfl-push
+    # ConfigMap; outputs.tf fills it from the same local.push_endpoints).
+    oidc = block(target["oidc_token"])
+    assert oidc["service_account_email"] == "${google_service_account.pusher[0].email}"
+    assert value(oidc["audience"]) == endpoint
+    env = env_of(by_kind(pubsub_docs)["Service"][finalize.name], pubsub_docs)
+    assert env["MICROFL_PUSH_AUDIENCE"] == endpoint.replace("${local.domain}", "DOMAIN")
+    # How long: no attempt cut off while finalize may still be sweeping (within Scheduler's 30
+    # minutes for HTTP targets); a few retries, each before the next ping would come anyway.
+    assert finalize.timeout_seconds <= seconds(job["attempt_deadline"]) <= 1800
+    retry = block(job["retry_config"])
+    assert 1 <= retry["retry_count"] <= 5
+    assert seconds(retry["min_backoff_duration"]) <= seconds(retry["max_backoff_duration"]) < 60
+    # Scheduler's service agent may sign the pusher's tokens, as Pub/Sub's may, before the job
+    # first runs; its API is among those the project must enable.
+    grant = resource(tf, "google_service_account_iam_member", "scheduler_token_creator")
+    assert grant["role"] == "roles/iam.serviceAccountTokenCreator"
+    assert grant["service_account_id"] == "${google_service_account.pusher[0].name}"
+    assert grant["member"] == "${local.scheduler_agent}"
+    number = "${data.google_project.current[0].number}"
+    agent = f"serviceAccount:service-{number}@gcp-sa-cloudscheduler.iam.gserviceaccount.com"
+    assert tf["locals"]["scheduler_agent"] == f'${{local.pubsub_bus ? "{agent}" : ""}}'
+    assert job["depends_on"] == ["${google_service_account_iam_member.scheduler_token_creator}"]
+    assert "cloudscheduler" in tf["variable"]["project_id"]["description"]

@@ -8,6 +8,14 @@
 #   finalize   everything  rounds/*/closing.json, rounds/*/seal.json, -
 #                          models/, optimizer/, rounds/*/record.json
 #
+# With event_bus = "pubsub" each may also publish to the topics of the events it emits, and to
+# no other (pubsub.tf, local.pubsub_publishers, binds roles/pubsub.publisher per topic):
+#
+#   ingest     microfl.finalize   update.accepted
+#   aggregate  microfl.finalize   partial.ready
+#   finalize   microfl.aggregate  partial.requested
+#              microfl.rounds     round.committed
+#
 # What IAM cannot express, and why it is acceptable:
 # - Reads are not narrowed: listing objects is checked against the bucket, not an object name,
 #   so a name condition would forbid listing, which every function does. Reading is harmless
@@ -26,7 +34,8 @@
 # - The job definitions (jobs/{job}/job.json) are written by operators with the microfl CLI and
 #   their own credentials; no function may create them.
 # tests/test_infra.py evaluates these conditions against the keys of functions/microfl/jobs.py,
-# so a new kind of object fails the test until it is granted here.
+# so a new kind of object fails the test until it is granted here; likewise a new kind of event
+# a function publishes, until pubsub.tf grants its topic.
 
 locals {
   objects = "projects/_/buckets/${google_storage_bucket.store.name}/objects/jobs/"

@@ -2,10 +2,13 @@
 # (`microfl up --kafka-nodes 3`): 3 brokers, replication factor 3, min ISR 2, so a write
 # acknowledged with acks=all survives the loss of any one broker and one broker may be down
 # without stopping producers. The default is Strimzi in the cluster (KRaft, node pools);
-# kafka_mode = "managed" uses Google Managed Service for Apache Kafka instead.
+# kafka_mode = "managed" uses Google Managed Service for Apache Kafka instead. Nothing here is
+# created with event_bus = "pubsub" (pubsub.tf).
 
 locals {
-  strimzi         = var.kafka_mode == "strimzi"
+  kafka_bus       = var.event_bus == "kafka"
+  strimzi         = local.kafka_bus && var.kafka_mode == "strimzi"
+  managed_kafka   = local.kafka_bus && var.kafka_mode == "managed"
   kafka_namespace = "kafka"
   kafka_cluster   = "microfl"
 
@@ -162,7 +165,7 @@ resource "helm_release" "kafka" {
 # The bootstrap address below follows Google's documented name for the cluster.
 
 resource "google_managed_kafka_cluster" "microfl" {
-  count = local.strimzi ? 0 : 1
+  count = local.managed_kafka ? 1 : 0
 
   cluster_id = var.cluster_name
   location   = var.region
@@ -185,7 +188,7 @@ resource "google_managed_kafka_cluster" "microfl" {
 }
 
 resource "google_managed_kafka_topic" "microfl" {
-  for_each = local.strimzi ? {} : local.kafka_topics
+  for_each = local.managed_kafka ? local.kafka_topics : {}
 
   topic_id           = each.key
   cluster            = google_managed_kafka_cluster.microfl[0].cluster_id

@@ -1,6 +1,9 @@
-# Knative Serving (with Kourier as its ingress) and Knative Eventing with the Kafka source and
-# sink of eventing-kafka-broker, installed by the Knative Operator. knative/ (applied by
-# `make deploy`) then runs the three functions on them.
+# Knative Serving (with Kourier as its ingress), installed by the Knative Operator; with
+# event_bus = "kafka" also Knative Eventing with the Kafka source and sink of
+# eventing-kafka-broker. knative/ (applied by `make deploy`) then runs the three functions on
+# them. Eventing runs knative/'s KafkaSources, KafkaSinks and PingSource only: with "pubsub",
+# push subscriptions and a Cloud Scheduler job (pubsub.tf) take their place, infra/knative-pubsub/
+# deletes them, and Eventing is not installed.
 
 # A fixed address for Kourier's load balancer, so the ingest URL is known before the first
 # deploy and survives re-creating the Service.
@@ -11,11 +14,13 @@ resource "google_compute_address" "ingress" {
 }
 
 locals {
-  domain     = var.domain != "" ? var.domain : "${google_compute_address.ingress.address}.sslip.io"
-  ingest_url = "http://microfl-ingest.${local.namespace}.${local.domain}"
+  domain = var.domain != "" ? var.domain : "${google_compute_address.ingress.address}.sslip.io"
+  # Pub/Sub pushes over HTTPS only (pubsub.tf), so that deployment serves the domain with TLS:
+  # clients then use it too.
+  ingest_url = "${local.pubsub_bus ? "https" : "http"}://microfl-ingest.${local.namespace}.${local.domain}"
 
   knative_manifests = [
-    for name in ["knative-serving", "knative-eventing"] : {
+    for name in concat(["knative-serving"], local.kafka_bus ? ["knative-eventing"] : []) : {
       apiVersion = "v1"
       kind       = "Namespace"
       metadata   = { name = name }
@@ -80,7 +85,7 @@ resource "helm_release" "knative" {
   chart     = "${path.module}/charts/manifests"
   namespace = "knative-operator"
   values = [yamlencode({
-    manifests = concat(local.knative_manifests, [local.knative_serving, local.knative_eventing])
+    manifests = concat(local.knative_manifests, [local.knative_serving], local.kafka_bus ? [local.knative_eventing] : [])
   })]
 
   depends_on = [helm_release.knative_operator]

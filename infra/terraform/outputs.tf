@@ -16,8 +16,13 @@ output "store_url" {
 }
 
 output "kafka_bootstrap_servers" {
-  description = "MICROFL_KAFKA_BOOTSTRAP: Kafka's bootstrap servers, reachable from inside the cluster."
-  value       = local.kafka_bootstrap
+  description = "MICROFL_KAFKA_BOOTSTRAP: Kafka's bootstrap servers, reachable from inside the cluster (event_bus = \"kafka\"; null otherwise)."
+  value       = local.kafka_bus ? local.kafka_bootstrap : null
+}
+
+output "push_endpoints" {
+  description = "Where Pub/Sub pushes (event_bus = \"pubsub\"; empty otherwise): Kourier must serve these with a publicly trusted certificate."
+  value       = local.pubsub_bus ? local.push_endpoints : {}
 }
 
 output "image_repository" {
@@ -41,10 +46,15 @@ output "get_credentials" {
 }
 
 output "knative_kustomization" {
-  description = "kustomization.yaml that adapts knative/ to this cluster; `make deploy` applies it."
+  description = "kustomization.yaml that adapts knative/ (or, by event_bus, its Pub/Sub overlay infra/knative-pubsub/) to this cluster; `make deploy` applies it."
   value = templatefile("${path.module}/templates/knative-gke.kustomization.yaml.tftpl", {
+    event_bus                 = var.event_bus
     bucket                    = google_storage_bucket.store.name
     kafka_bootstrap           = local.kafka_bootstrap
+    project_id                = var.project_id
+    pusher_service_account    = local.pubsub_bus ? google_service_account.pusher[0].email : ""
+    aggregate_push_audience   = local.push_endpoints["aggregate"]
+    finalize_push_audience    = local.push_endpoints["finalize"]
     ingest_service_account    = google_service_account.function["ingest"].email
     aggregate_service_account = google_service_account.function["aggregate"].email
     finalize_service_account  = google_service_account.function["finalize"].email

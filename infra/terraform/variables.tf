@@ -1,12 +1,12 @@
 # Inputs. Only project_id and authorized_networks have no default; see terraform.tfvars.example.
 
 variable "project_id" {
-  description = "Google Cloud project that holds everything (the APIs container, storage, artifactregistry, compute, iam and, for kafka_mode = \"managed\", managedkafka must be enabled)."
+  description = "Google Cloud project that holds everything (the APIs container, storage, artifactregistry, compute, iam and, for kafka_mode = \"managed\", managedkafka or, for event_bus = \"pubsub\", pubsub and cloudscheduler must be enabled)."
   type        = string
 }
 
 variable "region" {
-  description = "Region of the cluster (regional: control plane and nodes in three zones), the bucket, the registry and the ingress IP."
+  description = "Region of the cluster (regional: control plane and nodes in three zones), the bucket, the registry, the ingress IP and, for event_bus = \"pubsub\", the Cloud Scheduler job."
   type        = string
   default     = "europe-west1"
 }
@@ -91,8 +91,19 @@ variable "noncurrent_retention_days" {
   default     = 7
 }
 
+variable "event_bus" {
+  description = "Transport of the platform's events: \"kafka\" (kafka.tf: Strimzi or managed Kafka, delivered by Knative KafkaSources) or \"pubsub\" (pubsub.tf: Google Cloud Pub/Sub, delivered by push subscriptions to the functions' public HTTPS routes; var.domain must then be served with a trusted certificate)."
+  type        = string
+  default     = "kafka"
+
+  validation {
+    condition     = contains(["kafka", "pubsub"], var.event_bus)
+    error_message = "event_bus is \"kafka\" or \"pubsub\"."
+  }
+}
+
 variable "kafka_mode" {
-  description = "\"strimzi\": Kafka in the cluster (Strimzi operator, KRaft, 3 brokers). \"managed\": Google Managed Service for Apache Kafka instead (see kafka.tf for what it still needs)."
+  description = "With event_bus = \"kafka\": \"strimzi\" runs Kafka in the cluster (Strimzi operator, KRaft, 3 brokers); \"managed\" uses Google Managed Service for Apache Kafka instead (see kafka.tf for what it still needs)."
   type        = string
   default     = "strimzi"
 
@@ -138,7 +149,7 @@ variable "knative_version" {
 }
 
 variable "domain" {
-  description = "DNS domain of the Knative routes (ingest is http://microfl-ingest.microfl.<domain>). Empty: <ingress IP>.sslip.io, which resolves without any DNS set-up."
+  description = "DNS domain of the Knative routes (ingest is http://microfl-ingest.microfl.<domain>). Empty: <ingress IP>.sslip.io, which resolves without any DNS set-up. With event_bus = \"pubsub\" it is also where Pub/Sub pushes (https://microfl-aggregate.microfl.<domain>/ and microfl-finalize), so Kourier must serve *.microfl.<domain> with a publicly trusted certificate."
   type        = string
   default     = ""
 }
