@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,14 @@ from microfl.store import FileStore, ObjectStore
 from microfl.tokens import issue_token
 
 SECRET = "test-secret-0123456789abcdef"
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll check() until it holds; fail naming what did not happen within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
+        time.sleep(0.02)
 
 
 def make_model(seed: int = 0) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from fl import eventually
 from microfl.local.dispatcher import Delivery, Dispatcher, KafkaSource, parse_duration
 
 WAIT = 20.0  # seconds any single expectation may take
@@ -134,13 +135,6 @@ def consume(bootstrap: str, topic: str, expected: int) -> list[Any]:
                 raise AssertionError(err)
     consumer.close()
     return found
-
-
-def eventually(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not check():
-        assert time.monotonic() < deadline, f"not within {WAIT}s: {what}"
-        time.sleep(0.02)
 
 
 def source(bootstrap: str, topic: str, sink: Sink, **kwargs: Any) -> KafkaSource:

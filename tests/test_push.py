@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from google.cloud import pubsub_v1
 
+from fl import eventually
 from microfl import events
 from microfl.bus import PubSubBus
 from microfl.errors import BusUnavailable
@@ -98,13 +99,6 @@ def publish(host: str, topic: str, key: str, n: int) -> list[str]:
     return data
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_pubsub_bus_sends_each_event_as_a_binary_cloudevent_push(
     pubsub: PubSubEmulator, push: Callable[..., tuple[PushDispatcher, Sink]]
 ) -> None:
@@ -159,7 +153,7 @@ def test_push_acks_on_success_and_sends_metadata_headers(
 ) -> None:
     dispatcher, sink = push(lambda n, h: 204, ordered=False)
     data = publish(pubsub.host, dispatcher.sub.topic, "k", 20)
-    wait_for(lambda: dispatcher.counters.delivered == 20)
+    eventually(lambda: dispatcher.counters.delivered == 20, "20 pushes acked")
     time.sleep(1.0)  # nothing comes back: every message was acked
     assert sorted(body.decode() for _, _, body in sink.requests) == sorted(data)
     headers = sink.requests[0][1]
@@ -186,7 +180,7 @@ def test_push_retries_with_the_retry_policy_then_dead_letters(
         )
         return bool(dead)
 
-    wait_for(dead_lettered, timeout=60)
+    eventually(dead_lettered, "the message in the dead-letter subscription", timeout=60)
     times = [t for t, _, _ in sink.requests]
     assert len(times) == 5, "max_attempts deliveries, then the dead-letter topic"
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
@@ -207,7 +201,7 @@ def test_ordered_push_holds_a_key_until_its_message_succeeds(
     )
     first_a = publish(pubsub.host, dispatcher.sub.topic, "a", 4)
     first_b = publish(pubsub.host, dispatcher.sub.topic, "b", 4)
-    wait_for(lambda: dispatcher.counters.delivered == 8, timeout=60)
+    eventually(lambda: dispatcher.counters.delivered == 8, "8 pushes acked", timeout=60)
 
     def order(key: str) -> list[str]:
         seen = [
