@@ -34,9 +34,7 @@ def backends_from_env() -> Backends:
     if not store:
         raise ConfigError("set MICROFL_STORE (file:///path or gs://bucket) for the functions")
     secret = os.environ.get("MICROFL_SECRET", "").encode()
-    return Backends(
-        open_store(store), bus_from_env(), secret, faults.clock, push_auth_from_env()
-    )
+    return Backends(open_store(store), bus_from_env(), secret, faults.clock, push_auth_from_env())
 
 
 def bus_from_env() -> EventBus:
