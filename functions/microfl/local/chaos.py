@@ -22,9 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from microfl import events
 from microfl.client import Client, ClientError
 from microfl.invariants import check_job
-from microfl.jobs import JobSpec, create_job, model_key, record_key, seal_key
+from microfl.jobs import (
+    JobSpec,
+    create_job,
+    load_job,
+    model_key,
+    record_key,
+    seal_key,
+    updates_prefix,
+)
+from microfl.local import attacks
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.kafka import KafkaCluster
 from microfl.local.proxies import EventChaosProxy, SlowTcpProxy
@@ -88,6 +98,7 @@ class ScenarioResult:
     seconds: float
     equals_healthy: bool | None = None
     problems: list[str] = field(default_factory=list)
+    hostile: dict[str, int] | None = None  # counts of the hostile-clients scenario
 
     @property
     def ok(self) -> bool:
@@ -107,6 +118,7 @@ class Run:
     round_posted: list[threading.Event]
     sealed: Callable[[int], bool]
     faults: list[tuple[str, float, float]] = field(default_factory=list)  # what, start, end
+    answers: list[tuple[str, int, int]] = field(default_factory=list)  # hostile: name, want, got
 
     def fault(self, what: str, started: float) -> None:
         self.faults.append((what, started, time.monotonic()))
@@ -166,6 +178,18 @@ def _jump_clock(run: Run) -> None:
         run.fault(f"round {r}: clock jumped 5 s past the deadline", start)
 
 
+def _attack(run: Run) -> None:
+    limit = load_job(run.store, run.job).update_limit
+    reader = issue_token(SECRET.encode(), run.job, "evil-reader")
+    model, _ = Client(run.runtime.ingest_url, run.job, reader).model()
+    for r, started in enumerate(run.round_started, 1):
+        started.wait(240)
+        start = time.monotonic()
+        target = attacks.Target(run.runtime.ingest_url, run.job, r, model, SECRET.encode(), limit)
+        run.answers += attacks.fire(target, prefix=f"evil{r}")
+        run.fault(f"round {r}: {len(attacks.ATTACKS) + 1} hostile uploads", start)
+
+
 JUMP_TIMEOUT = 3600.0
 
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -177,6 +201,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "event-chaos": {"event_chaos": True},
     "client-retry": {"client_timeout": 0.15},
     "clock-jump": {"fault": _jump_clock, "quorum_extra": 1, "round_timeout": JUMP_TIMEOUT},
+    "hostile-clients": {"fault": _attack, "replays": 5},
 }
 
 
@@ -223,7 +248,11 @@ def run_scenario(
 
     store = GcsStore(env.bucket)
     rng = np.random.default_rng(seed)
-    model = {"w": rng.standard_normal((32, 16)).astype(np.float32), "b": np.zeros(16, np.float32)}
+    model: dict[str, np.ndarray] = {
+        "w": rng.standard_normal((32, 16)).astype(np.float32),
+        "b": np.zeros(16, np.float32),
+        "scale": np.ones(4, np.float64),
+    }
     job = f"{name}-{seed}-{uuid.uuid4().hex[:6]}"
     spec = JobSpec.for_model(
         job,
@@ -279,8 +308,13 @@ def run_scenario(
         ]
         for r in range(1, rounds + 1):
             run.round_started[r - 1].set()
-            with ThreadPoolExecutor(4) as pool:
-                answers = list(pool.map(partial(_post, r=r, seed=seed), users, range(clients)))
+            post = partial(_post, r=r, seed=seed, replays=options.get("replays", 0))
+            try:
+                with ThreadPoolExecutor(4) as pool:
+                    answers = list(pool.map(post, users, range(clients)))
+            except ClientError as exc:
+                problems.append(f"round {r}: an honest client was refused: {exc}")
+                break
             accepted |= {(r, f"c{i}") for i, ok in enumerate(answers) if ok}
             run.round_posted[r - 1].set()
             if not _wait(partial(store.exists, record_key(job, r)), 240):
@@ -298,6 +332,21 @@ def run_scenario(
             slow.close()
     verdict = check_job(store, job, accepted)
     dead = _dead_letters(env, job)
+    hostile = None
+    if options.get("fault") is _attack:
+        replays = len(accepted) * options["replays"]
+        hostile = _hostile_counts(run, store, rounds, len(accepted), replays)
+        problems += [
+            f"hostile upload {name!r} answered {got}, not {want}"
+            for name, want, got in run.answers
+            if got != want
+        ]
+        problems += [f"{hostile['stored']} hostile upload(s) stored"] * (hostile["stored"] > 0)
+        if hostile["announcements"] != hostile["accepted"]:
+            problems.append(
+                f"{hostile['announcements']} update.accepted events for {hostile['accepted']} "
+                f"accepted updates and {hostile['replays']} replays: replays must publish nothing"
+            )
     problems += [f"lost {x}" for x in verdict.lost] + [
         f"double {x}" for x in verdict.double_counted
     ]
@@ -332,11 +381,32 @@ def run_scenario(
         hashlib.sha256(final).hexdigest(),
         round(time.monotonic() - t0, 1),
         problems=problems,
+        hostile=hostile,
     )
 
 
-def _post(client: Client, i: int, r: int, seed: int) -> bool:
-    """Train (here: a seeded perturbation of the global model) and post; True when accepted."""
+def _hostile_counts(
+    run: Run, store: GcsStore, rounds: int, accepted: int, replays: int
+) -> dict[str, int]:
+    stored = sum(
+        key.rsplit("/", 1)[1].startswith("evil")
+        for r in range(1, rounds + 2)
+        for key in store.list(updates_prefix(run.job, r))
+    )
+    return {
+        "tried": len(run.answers),
+        "as_contract": sum(want == got for _, want, got in run.answers),
+        "5xx": sum(got >= 500 or got == 0 for _, _, got in run.answers),
+        "stored": stored,
+        "replays": replays,
+        "accepted": accepted,
+        "announcements": _announcements(run.env, run.job),
+    }
+
+
+def _post(client: Client, i: int, r: int, seed: int, replays: int = 0) -> bool:
+    """Train (here: a seeded perturbation of the global model) and post; True when accepted.
+    With replays, send the same bytes again that many times (each must be answered 200)."""
     while True:
         try:
             model, version = client.model()
@@ -347,7 +417,12 @@ def _post(client: Client, i: int, r: int, seed: int) -> bool:
             update = {
                 k: (v + noise.standard_normal(v.shape)).astype(v.dtype) for k, v in model.items()
             }
-            answer = client.post_update(r, update, int(10 + noise.integers(1, 90)))
+            n = int(10 + noise.integers(1, 90))
+            answer = client.post_update(r, update, n)
+            for _ in range(replays):
+                again = client.post_update(r, update, n)
+                if again["status"] != "replay":
+                    raise ClientError(200, {"message": f"a replay was answered {again}"})
             return answer["status"] in ("accepted", "replay")
         except ClientError as exc:
             if exc.status == 409:
@@ -356,6 +431,22 @@ def _post(client: Client, i: int, r: int, seed: int) -> bool:
 
 
 def _dead_letters(env: ChaosEnv, job: str) -> int:
+    return sum(
+        data.get("job") == job
+        for data, _ in _records(env, ["microfl.aggregate.dlq", "microfl.finalize.dlq"])
+    )
+
+
+def _announcements(env: ChaosEnv, job: str) -> int:
+    """update.accepted events published for the job (each accepted update needs one)."""
+    return sum(
+        data.get("job") == job and kind == events.UPDATE_ACCEPTED
+        for data, kind in _records(env, ["microfl.finalize"])
+    )
+
+
+def _records(env: ChaosEnv, topics: list[str]) -> list[tuple[dict, str]]:
+    """(event data, ce_type) of every record on the topics, read from the start."""
     from confluent_kafka import Consumer
 
     assert env.kafka is not None
@@ -367,17 +458,23 @@ def _dead_letters(env: ChaosEnv, job: str) -> int:
             "enable.auto.commit": False,
         }
     )
-    consumer.subscribe(["microfl.aggregate.dlq", "microfl.finalize.dlq"])
-    count = 0
+    consumer.subscribe(topics)
+    found = []
     idle = time.monotonic() + 5
     while time.monotonic() < idle:
         for msg in consumer.consume(100, 0.5):
             if msg.error() is None:
                 idle = time.monotonic() + 2
+                kind = dict(msg.headers() or []).get("ce_type")
                 with contextlib.suppress(ValueError, AttributeError):
-                    count += json.loads(msg.value() or b"{}").get("job") == job
+                    data = json.loads(msg.value() or b"{}")
+                    found.append((data if isinstance(data, dict) else {}, _text(kind)))
     consumer.close()
-    return count
+    return found
+
+
+def _text(value: str | bytes | None) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value or ""
 
 
 def report_markdown(results: list[ScenarioResult]) -> str:
@@ -395,6 +492,18 @@ def report_markdown(results: list[ScenarioResult]) -> str:
             f"| {res.double_counted} | {'yes' if not res.wrong_models else 'NO'} | {same} "
             f"| {res.dead_letters} | {recovery} | {res.seconds:g} |"
         )
+    for res in results:
+        if res.hostile is not None:
+            h = res.hostile
+            lines += [
+                "",
+                f"Hostile clients ({res.name}): {h['tried']} hostile uploads tried, "
+                f"{h['as_contract']} answered with the contract's 4xx, {h['5xx']} answered 5xx "
+                f"(or not at all), {h['stored']} stored, "
+                f"{res.rounds - res.rounds_committed} rounds stalled; {h['replays']} replays of "
+                f"accepted updates answered 200, {h['announcements']} update.accepted events "
+                f"for {h['accepted']} accepted updates.",
+            ]
     lines.append("")
     for res in results:
         lines.append(
