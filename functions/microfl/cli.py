@@ -152,6 +152,7 @@ def cmd_job_create(args: argparse.Namespace) -> int:
         round_timeout=args.round_timeout,
         strategy=args.strategy,
         fan_in=args.fan_in,
+        max_examples=args.max_examples,
         created_at=time.time(),
     )
     store = _store()
@@ -289,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strategy", choices=("fedavg", "fedadam"), default="fedavg")
     p.add_argument("--fan-in", type=int, default=10, help="updates per partial aggregation")
+    from microfl.jobs import DEFAULT_MAX_EXAMPLES
+
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        default=DEFAULT_MAX_EXAMPLES,
+        help="most num_examples one update may claim (its FedAvg weight); above it: 422",
+    )
     p.set_defaults(func=cmd_job_create)
 
     token = sub.add_parser("token", help="issue access tokens").add_subparsers(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy as np
+
 from microfl import events
 from microfl.backends import Backends
 from microfl.errors import JobNotFound, PoisonEvent
@@ -145,7 +147,8 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
             if data is None:
                 return False
             tensors, meta = tensors_from_safetensors(data)
-            total = merge(total, tensors)
+            with np.errstate(over="ignore"):  # an overflow is caught in _write_model
+                total = merge(total, tensors)
             failpoint("finalize.mid_combine")
             weight += int(meta["num_examples"])
             examples.update(dict(json_from_bytes(meta["examples"].encode())))
@@ -158,12 +161,15 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
             - set(seal_doc.clients)
         )
         excluded += [{"client": c, "reason": f"arrived after round {r} was sealed"} for c in late]
-        if weight > 0 and total is not None:
-            _write_model(b, spec, r, mean_of(total, weight))
-        else:  # nothing usable: the model carries over unchanged
-            previous = b.store.read(model_key(job, r - 1))
-            assert previous is not None
-            b.store.create(model_key(job, r), previous)
+        if weight > 0 and total is not None and not _write_model(b, spec, r, total, weight):
+            why = (
+                f"the aggregate of round {r} is not finite (NaN or Inf after the "
+                f"{spec.strategy} update); round {r} keeps model {r - 1}"
+            )
+            excluded += [{"client": c, "reason": why} for c in sorted(examples)]
+            examples, weight = {}, 0
+        if weight == 0:  # nothing usable: the model and its optimiser state carry over
+            _carry_over(b, spec, r)
         record: dict[str, Any] = {
             "job": job,
             "round": r,
@@ -184,7 +190,10 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
     return True
 
 
-def _write_model(b: Backends, spec: JobSpec, r: int, mean: dict) -> None:
+def _write_model(b: Backends, spec: JobSpec, r: int, total: dict, weight: int) -> bool:
+    """Write model r (and its optimiser state) from the round's sum; False, writing nothing,
+    when the mean, the next model or its state holds NaN or Inf (invariant 8: never commit
+    one). Deterministic, so every retry decides alike."""
     job = spec.job
     current_bytes = b.store.read(model_key(job, r - 1))
     if current_bytes is None:
@@ -195,11 +204,34 @@ def _write_model(b: Backends, spec: JobSpec, r: int, mean: dict) -> None:
         saved = b.store.read(optimizer_key(job, r - 1))
         state = tensors_from_safetensors(saved)[0] if saved else None
     strategy = make_strategy(spec.strategy, spec.strategy_options)
-    model, new_state = strategy.server_update(current, mean, state)
+    with np.errstate(all="ignore"):  # overflow is judged below, not warned about
+        mean = mean_of(total, weight)
+        model, new_state = strategy.server_update(current, mean, state)
+    if not all(_finite(t) for t in (mean, model, new_state or {})):
+        return False
     if new_state is not None:  # state first: model r existing implies its state exists
         b.store.create(optimizer_key(job, r), tensors_to_safetensors(new_state))
     b.store.create(model_key(job, r), tensors_to_safetensors(model))
     failpoint("finalize.after_model")
+    return True
+
+
+def _finite(tensors: dict) -> bool:
+    return all(np.isfinite(a).all() for a in tensors.values() if a.dtype.kind == "f")
+
+
+def _carry_over(b: Backends, spec: JobSpec, r: int) -> None:
+    """Model r is model r-1, and the optimiser state after r-1 (FedAdam's moments) becomes the
+    state after r, so a round without a usable update resets nothing. State first, as in
+    _write_model: model r existing implies its state exists."""
+    job = spec.job
+    state = b.store.read(optimizer_key(job, r - 1))
+    if state is not None:
+        b.store.create(optimizer_key(job, r), state)
+    previous = b.store.read(model_key(job, r - 1))
+    if previous is None:
+        raise JobNotFound(f"job {job!r} has no model version {r - 1}")
+    b.store.create(model_key(job, r), previous)
 
 
 def sweep(b: Backends) -> None:

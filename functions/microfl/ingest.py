@@ -58,6 +58,7 @@ def get_job(b: Backends, job: str, token: str | None) -> dict[str, Any]:
         "min_clients": spec.min_clients,
         "round_deadline": spec.round_timeout,
         "strategy": spec.strategy,
+        "max_examples": spec.max_examples,
     }
 
 

@@ -60,7 +60,18 @@ __all__ = [
 ]
 
 STRATEGIES = ("fedavg", "fedadam")
-MAX_EXAMPLES = 10**12
+MAX_EXAMPLES = 10**12  # the most any job may allow; a num_examples above it is malformed (400)
+# One client's default share of a FedAvg round: a million examples outweighs any honest device;
+# a job with bigger clients raises it (`--max-examples`).
+DEFAULT_MAX_EXAMPLES = 1_000_000
+# The largest |value| an F64 update may carry. The float64 sum of a round is bounded by
+# clients * max_examples * |x| <= clients * 1e12 * 1e150, finite (< 1.7e308) for any round of
+# fewer than 1e146 clients (each one an object in storage: no job comes near), and FedAdam's
+# squared pseudo-gradient (|mean - x| <= 2e150)^2 = 4e300 stays finite too. F32 and F16 values
+# need no such bound: |x| <= 3.4e38 makes a term at most 3.4e50, finite summed over fewer than
+# 5e257 clients, squared at most 4.7e77, and their FedAvg mean (within the range of the values)
+# casts back without overflow. Whatever still overflows is caught at commit (finalize).
+MAX_F64_MAGNITUDE = 1e150
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ class JobSpec:
     fan_in: int = 10
     max_update_bytes: int = 0  # 0: the model's size plus 1 MiB of header room
     created_at: float = 0.0
+    max_examples: int = DEFAULT_MAX_EXAMPLES  # job.json files without it load with the default
 
     def __post_init__(self) -> None:
         problems = []
@@ -97,6 +109,8 @@ class JobSpec:
             problems.append("round_timeout must be > 0 seconds")
         if self.fan_in < 1:
             problems.append("fan_in must be >= 1")
+        if not 1 <= self.max_examples <= MAX_EXAMPLES:
+            problems.append(f"max_examples must be between 1 and {MAX_EXAMPLES}")
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
         if not self.schema:
@@ -277,6 +291,12 @@ def validate_update(spec: JobSpec, tensors: dict[str, np.ndarray], metadata: dic
             f"__metadata__.num_examples must be a positive integer as a string "
             f"(at most {MAX_EXAMPLES}), got {raw!r}"
         )
+    if int(raw) > spec.max_examples:
+        raise SchemaMismatch(
+            f"__metadata__.num_examples is {raw}; job {spec.job!r} takes at most "
+            f"{spec.max_examples} examples per update; send at most that (its operator sets the "
+            "limit with `microfl job create ... --max-examples N`)"
+        )
     expected = {t.name: t for t in spec.schema}
     missing = sorted(set(expected) - set(tensors))
     unknown = sorted(set(tensors) - set(expected))
@@ -297,4 +317,9 @@ def validate_update(spec: JobSpec, tensors: dict[str, np.ndarray], metadata: dic
             )
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise SchemaMismatch(f"update tensor {name!r} contains NaN or Inf; send finite values")
+        if arr.dtype == np.float64 and arr.size and max(-arr.min(), arr.max()) > MAX_F64_MAGNITUDE:
+            raise SchemaMismatch(
+                f"update tensor {name!r} has a value of magnitude above {MAX_F64_MAGNITUDE:g}, "
+                "which could overflow the round's sum; send values within that bound"
+            )
     return int(raw)
