@@ -45,6 +45,7 @@ class KafkaBus(EventBus):
                         "acks": "all",
                         "linger.ms": 2,
                         "message.timeout.ms": int(self.timeout * 1000),
+                        "logger": logging.getLogger("microfl.bus"),  # JSON lines, not raw stderr
                     }
                 )
             return self._producer

@@ -19,7 +19,8 @@
         └── BusUnavailable
 
 Third-party errors are translated where they are raised (`raise StorageUnavailable(...) from
-exc`); `http_error` turns any exception into (status, JSON body) for the functions' answers.
+exc`); `http_error` turns any exception into (status, JSON body) for the functions' answers:
+a body says what the client can fix, never where the platform keeps things (the handlers log that).
 """
 
 from __future__ import annotations
@@ -116,8 +117,13 @@ class BusUnavailable(Unavailable):
     pass
 
 
-# error class -> (HTTP status, public error code). First match in MRO order wins.
-ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
+_RETRY = "retry in a moment (sending the same request again is safe)"
+
+# error class -> (HTTP status, public error code[, public message]). First match in MRO order
+# wins. Without a public message the exception's own text is the answer (4xx: it says what the
+# client can fix); with one, the exception's text (paths, buckets, hosts, library errors) goes
+# to the log only. A 5xx never answers with its exception's text.
+ERROR_TABLE: dict[type[BaseException], tuple[int, str] | tuple[int, str, str]] = {
     BadRequest: (400, "bad_request"),
     InvalidUpdate: (400, "invalid_update"),
     Unauthorized: (401, "unauthorized"),
@@ -129,15 +135,23 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     UpdateTooLarge: (413, "update_too_large"),
     SchemaMismatch: (422, "schema_mismatch"),
     PoisonEvent: (400, "invalid_event"),
-    ConfigError: (500, "configuration_error"),
-    Unavailable: (503, "unavailable"),
+    ConfigError: (
+        500,
+        "configuration_error",
+        "the platform is misconfigured; tell its operator (the details are in the function's log)",
+    ),
+    StorageUnavailable: (503, "unavailable", f"storage is unavailable; {_RETRY}"),
+    BusUnavailable: (503, "unavailable", f"the event bus is unavailable; {_RETRY}"),
+    Unavailable: (503, "unavailable", f"the service is busy or a dependency is down; {_RETRY}"),
 }
+INTERNAL = "internal error; the request can be retried"
 
 
 def http_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """(status, body) for an exception; unknown ones are 500 with no internals leaked."""
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
-            status, code = ERROR_TABLE[cls]
-            return status, {"error": code, "message": str(exc)}
-    return 500, {"error": "internal", "message": "internal error; the request can be retried"}
+            status, code, *public = ERROR_TABLE[cls]
+            message = public[0] if public else INTERNAL if status >= 500 else str(exc)
+            return status, {"error": code, "message": message}
+    return 500, {"error": "internal", "message": INTERNAL}

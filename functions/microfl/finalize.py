@@ -3,7 +3,7 @@ and sweep for work whose events were lost (the scheduled ping)."""
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from microfl.strategy import make_strategy, mean_of, merge
 
 __all__ = ["commit", "handle", "seal", "sweep"]
 
+LOG = logging.getLogger(__name__)
 RESEND_AFTER = 10.0  # seconds a sealed round may wait for a partial before it is requested again
 
 
@@ -247,4 +248,4 @@ def sweep(b: Backends) -> None:
             if r is not None:
                 seal(b, spec, r, trigger="sweep", resend_after=RESEND_AFTER)
         except Exception as exc:  # one broken job must not stop the sweep of the others
-            print(f"sweep: job {job}: {exc}", file=sys.stderr)
+            LOG.error("sweep: job %s: %s", job, exc, exc_info=exc, extra={"job": job})

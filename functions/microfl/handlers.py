@@ -5,10 +5,9 @@ event delivery retries them, poison events 400 so it dead-letters them."""
 
 from __future__ import annotations
 
+import logging
 import re
-import sys
 import threading
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +16,15 @@ import flask
 from microfl import aggregate as aggregate_service
 from microfl import finalize as finalize_service
 from microfl import ingest as ingest_service
+from microfl import logs
 from microfl.backends import Backends, backends_from_env
-from microfl.errors import BadRequest, MicroFLError, http_error
-from microfl.serde import event_from_http
+from microfl.errors import BadRequest, Unauthorized, http_error
+from microfl.serde import Event, event_from_http
 from microfl.tokens import bearer, valid_id
 
 __all__ = ["aggregate", "finalize", "ingest", "not_found", "set_backends"]
 
+LOG = logging.getLogger(__name__)
 _backends: Backends | None = None
 _lock = threading.Lock()
 
@@ -49,13 +50,24 @@ def _json(status: int, body: dict[str, Any]) -> Response:
     return flask.jsonify(body), status, {}
 
 
-def _error(exc: BaseException) -> Response:
+def _error(exc: BaseException, context: dict[str, Any], event: bool = False) -> Response:
+    """The answer for exc; its full text goes to the log only: every 5xx as ERROR with its
+    traceback, and refused events (poison, bad push token) as WARNING. Client 4xx on ingest are
+    not logged: their body says it all, and a hostile client must not fill the log."""
     status, body = http_error(exc)
+    extra = {**context, "status": status, "error": body["error"]}
     if status >= 500:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        if not isinstance(exc, MicroFLError):
-            traceback.print_exc()
+        LOG.error("%s: %s", type(exc).__name__, exc, exc_info=exc, extra=extra)
+    elif event:
+        cause = f" ({exc.__cause__})" if isinstance(exc, Unauthorized) and exc.__cause__ else ""
+        LOG.warning("event refused: %s%s", exc, cause, extra=extra)
     return _json(status, body)
+
+
+def _event_context(event: Event) -> dict[str, Any]:
+    data = event.data if isinstance(event.data, dict) else {}
+    job, r = data.get("job"), data.get("round")
+    return {"event": event.id, "type": event.type, "job": job, "round": r}
 
 
 ROUTES: list[tuple[str, str, str]] = [
@@ -68,6 +80,7 @@ ROUTES: list[tuple[str, str, str]] = [
 
 
 def ingest(request: flask.Request) -> Response:
+    logs.install()
     for method, pattern, name in ROUTES:
         match = re.fullmatch(pattern, request.path)
         if match:
@@ -82,7 +95,8 @@ def ingest(request: flask.Request) -> Response:
             try:
                 return _ingest_route(name, request, match.groupdict())
             except Exception as exc:
-                return _error(exc)
+                job, r = match.groupdict().get("job"), match.groupdict().get("round")
+                return _error(exc, {"job": job, "round": None if r is None else int(r)})
     return not_found(request)
 
 
@@ -123,19 +137,23 @@ def _ingest_route(name: str, request: flask.Request, params: dict[str, str]) -> 
 
 def _event_function(handle: Callable[[Backends, Any], None]) -> Callable[[flask.Request], Response]:
     def endpoint(request: flask.Request) -> Response:
+        logs.install()
         if request.method != "POST":
             return _json(
                 405,
                 {"error": "method_not_allowed", "message": "CloudEvent functions answer POST only"},
             )
+        context: dict[str, Any] = {}
         try:
             b = _get_backends()
             if b.push_auth is not None:
                 b.push_auth.verify(request.headers.get("Authorization"))
             event = event_from_http(dict(request.headers), request.get_data())
+            context = _event_context(event)
             handle(b, event)
         except Exception as exc:
-            return _error(exc)
+            return _error(exc, context, event=True)
+        LOG.info("handled %s", event.type, extra=context)
         return _json(200, {"status": "done", "id": event.id})
 
     return endpoint

@@ -75,10 +75,12 @@ def get_model(
 
 
 def get_round(b: Backends, job: str, r: int, token: str | None) -> dict[str, Any]:
-    _, spec = _authorize(b, job, token)
+    claims, spec = _authorize(b, job, token)
     record = b.store.read(record_key(job, r))
     if record is not None:
         doc: dict[str, Any] = json_from_bytes(record)
+        if not claims.admin:  # each client's example count is the operator's business only
+            doc.pop("examples", None)
         return doc
     sealed = b.store.read(seal_key(job, r))
     if sealed is not None:

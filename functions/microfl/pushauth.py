@@ -47,12 +47,12 @@ class PushAuth:
             kid = jwt.decode_header(token).get("kid")
             claims = jwt.decode(token, certs=self._keys(kid), audience=self.audience)
         except (ValueError, exceptions.GoogleAuthError) as exc:
-            raise Unauthorized(f"push token rejected: {exc}") from None
+            raise Unauthorized("push token rejected: not a valid token for this endpoint") from exc
         if claims.get("iss") not in GOOGLE_ISSUERS:
             raise Unauthorized(f"push token issued by {claims.get('iss')!r}, not Google")
         if claims.get("email") != self.invoker or not claims.get("email_verified"):
             raise Unauthorized(
-                f"push token is for {claims.get('email')!r}; only {self.invoker} pushes events"
+                f"push token is for {claims.get('email')!r}, not the push subscription's account"
             )
 
     def _keys(self, kid: str | None) -> Mapping[str, str]:
