@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -108,9 +109,12 @@ class PubSubBus(EventBus):
             )
             sent.append((topic, future))
         errors: list[str] = []
+        # One deadline for the whole call, not one per event: n events to a dead emulator would
+        # otherwise take n times as long to give up.
+        deadline = time.monotonic() + self.timeout + 5
         for topic, future in sent:
             try:
-                future.result(timeout=self.timeout + 5)
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
             except Exception as exc:  # the client raises many kinds; all mean "not published"
                 errors.append(f"{topic}: {type(exc).__name__}: {exc}")
                 # A failed publish pauses its ordering key (a timed-out one does not); the
