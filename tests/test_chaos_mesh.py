@@ -23,6 +23,9 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
+import crd_schema
+from crd_schema import load_crds, structural_to_json_schema
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAOS = ROOT / "load" / "chaos"
 SCHEMAS = CHAOS / "schema"
@@ -50,66 +53,19 @@ FLOW_TYPES = {"Serial", "Parallel", "Suspend"}
 _GO_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are large: libyaml if there
 
 
 # --- the CRDs as JSON Schema ----------------------------------------------------------------
 
 
-def structural_to_json_schema(node: Any) -> Any:
-    """A Kubernetes structural schema as Draft 7 JSON Schema, with the API server's meaning of
-    its extensions; objects that list their properties refuse others (strict validation)."""
-    if not isinstance(node, dict):
-        return node
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key in ("properties", "patternProperties", "definitions"):
-            out[key] = {k: structural_to_json_schema(v) for k, v in value.items()}
-        elif key in ("items", "additionalProperties", "not"):
-            out[key] = structural_to_json_schema(value)
-        elif key in ("allOf", "anyOf", "oneOf"):
-            out[key] = [structural_to_json_schema(v) for v in value]
-        elif key.startswith("x-kubernetes-") or key == "nullable":
-            continue
-        else:
-            out[key] = value
-    if node.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-    if (
-        node.get("type") == "object"
-        and "properties" in node
-        and "additionalProperties" not in node
-        and not node.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out["additionalProperties"] = False
-    return out
-
-
 @functools.cache
 def crds() -> dict[tuple[str, str], Draft7Validator]:
     """(apiVersion, kind) -> a validator for resources of that kind and served version."""
-    validators = {}
-    for path in sorted(SCHEMAS.glob("*.yaml")):
-        crd = yaml.load(path.read_text(), Loader=_LOADER)
-        assert crd["kind"] == "CustomResourceDefinition", path
-        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-        for version in crd["spec"]["versions"]:
-            if version.get("served"):
-                schema = structural_to_json_schema(version["schema"]["openAPIV3Schema"])
-                Draft7Validator.check_schema(schema)
-                validators[(f"{group}/{version['name']}", kind)] = Draft7Validator(schema)
-    return validators
+    return load_crds(SCHEMAS)
 
 
 def schema_errors(doc: dict[str, Any]) -> list[str]:
-    validator = crds()[(doc["apiVersion"], doc["kind"])]
-    return [
-        f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path)))
-    ]
+    return crd_schema.schema_errors(crds(), doc)
 
 
 def experiments() -> list[tuple[str, int, dict[str, Any]]]:
