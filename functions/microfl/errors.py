@@ -13,6 +13,7 @@
     │   ├── UpdateTooLarge                      413 larger than the job's limit
     │   └── SchemaMismatch (ValueError)         422 names, shapes, dtypes; NaN/Inf
     ├── PoisonEvent (ValueError)           400 an event no retry can fix (dead-lettered)
+    │   └── EventTooLarge                       413 an event body above the limit
     ├── ConfigError (ValueError)           bad job or platform configuration (operator)
     └── Unavailable                        503 transient: retry later
         ├── StorageUnavailable
@@ -31,6 +32,7 @@ __all__ = [
     "BusUnavailable",
     "ConfigError",
     "ConflictingUpdate",
+    "EventTooLarge",
     "Forbidden",
     "InvalidUpdate",
     "JobNotFound",
@@ -116,6 +118,10 @@ class BusUnavailable(Unavailable):
     pass
 
 
+class EventTooLarge(PoisonEvent):
+    """An event body far larger than any event the platform sends (413, dead-lettered)."""
+
+
 # error class -> (HTTP status, public error code). First match in MRO order wins.
 ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     BadRequest: (400, "bad_request"),
@@ -131,6 +137,7 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     PoisonEvent: (400, "invalid_event"),
     ConfigError: (500, "configuration_error"),
     Unavailable: (503, "unavailable"),
+    EventTooLarge: (413, "event_too_large"),
 }
 
 
