@@ -2,10 +2,16 @@
 (FUNCTION_TARGET=ingest|aggregate|finalize), all in one image. Thin on purpose: the work is in
 microfl.handlers and the service modules."""
 
+import os
+
 import flask
 import functions_framework
 
 from microfl import handlers
+
+# An unsafe configuration (weak secret, unchecked Pub/Sub pushes, ...) exits here, before the
+# server starts: the revision never becomes ready and the reason is in the log.
+handlers.check_config(os.environ.get("FUNCTION_TARGET", ""))
 
 
 def _streamed(answer: object) -> flask.Response:

@@ -15,7 +15,7 @@ from microfl.serde import tensors_to_safetensors
 from microfl.store import FileStore, ObjectStore
 from microfl.tokens import issue_token
 
-SECRET = "test-secret-0123456789abcdef"
+SECRET = "test-secret-0123456789abcdef-0123456789"
 
 
 def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

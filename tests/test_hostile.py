@@ -311,8 +311,8 @@ def test_a_token_for_one_job_is_forbidden_on_every_endpoint_of_another(
 
 def _tampered(job: str, other: str) -> dict[str, str]:
     token = issue_token(SECRET.encode(), job, "site-1")
-    version, payload, signature = token.split(".")
-    _, other_payload, other_signature = issue_token(SECRET.encode(), other, "site-1").split(".")
+    version, payload, signature = token.rsplit(".", 2)  # version: "mfl2.<key id>"
+    _, other_payload, other_signature = issue_token(SECRET.encode(), other, "site-1").rsplit(".", 2)
     flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
     forged = sign(
         b"not-the-platform-secret-0123456",

@@ -33,7 +33,7 @@ from microfl.store import FileStore
 from microfl.tokens import issue_token
 
 MAIN = str(Path(__file__).resolve().parents[1] / "functions" / "main.py")
-SECRET = b"in-process-test-secret-0123456789"
+SECRET = b"in-process-test-secret-0123456789-abcdef"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 JOB = "job-1"
 

@@ -167,13 +167,31 @@ def cmd_job_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
-    from microfl.tokens import issue_token
+    from microfl.tokens import check_secret, issue_token, max_ttl_from_env
 
     if args.admin == (args.client is not None):
         raise ValueError("give either --client ID or --admin")
+    secret = check_secret(local_secret().encode(), "MICROFL_SECRET")
+    max_ttl = max_ttl_from_env()
     print(
-        issue_token(local_secret().encode(), args.job, args.client, admin=args.admin, ttl=args.ttl)
+        issue_token(secret, args.job, args.client, admin=args.admin, ttl=args.ttl, max_ttl=max_ttl)
     )
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    """Create-only, so a revocation stays; the client's tokens are refused from now on."""
+    from microfl.jobs import load_job, revoked_key
+    from microfl.tokens import valid_id
+
+    if not (valid_id(args.job) and valid_id(args.client)):
+        raise ValueError("--job and --client take ids: 1-64 letters, digits, '.', '_', '-'")
+    store = _store()
+    load_job(store, args.job)  # the job exists (JobNotFound otherwise)
+    record = {"client": args.client, "revoked_at": int(time.time())}
+    created = store.create(revoked_key(args.job, args.client), json.dumps(record).encode())
+    state = "revoked" if created else "was already revoked"
+    print(f"client {args.client} of job {args.job} {state}: ingest refuses its tokens (403)")
     return 0
 
 
@@ -300,15 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_job_create)
 
-    token = sub.add_parser("token", help="issue access tokens").add_subparsers(
+    token = sub.add_parser("token", help="issue and revoke access tokens").add_subparsers(
         dest="token_cmd", required=True
     )
     p = token.add_parser("issue", help="print a signed token (MICROFL_SECRET signs it)")
     p.add_argument("--job", required=True, help="job id ('*' with --admin: every job)")
     p.add_argument("--client", help="client id the token names")
     p.add_argument("--admin", action="store_true")
-    p.add_argument("--ttl", type=int, default=86400, help="seconds until it expires")
+    p.add_argument(
+        "--ttl",
+        type=int,
+        default=86400,
+        help="seconds until it expires (at most MICROFL_MAX_TOKEN_TTL, 30 days by default)",
+    )
     p.set_defaults(func=cmd_token_issue)
+    p = token.add_parser("revoke", help="refuse every token of a client of a job from now on")
+    p.add_argument("--job", required=True)
+    p.add_argument("--client", required=True)
+    p.set_defaults(func=cmd_token_revoke)
 
     p = sub.add_parser(
         "chaos", help="run a fault scenario on the 3-broker cluster and check the invariants"

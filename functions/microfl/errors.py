@@ -13,6 +13,7 @@
     │   ├── UpdateTooLarge                      413 larger than the job's limit
     │   └── SchemaMismatch (ValueError)         422 names, shapes, dtypes; NaN/Inf
     ├── PoisonEvent (ValueError)           400 an event no retry can fix (dead-lettered)
+    │   └── EventTooLarge                       413 an event body above the limit
     ├── ConfigError (ValueError)           bad job or platform configuration (operator)
     └── Unavailable                        503 transient: retry later
         ├── StorageUnavailable
@@ -32,6 +33,7 @@ __all__ = [
     "BusUnavailable",
     "ConfigError",
     "ConflictingUpdate",
+    "EventTooLarge",
     "Forbidden",
     "InvalidUpdate",
     "JobNotFound",
@@ -117,6 +119,10 @@ class BusUnavailable(Unavailable):
     pass
 
 
+class EventTooLarge(PoisonEvent):
+    """An event body far larger than any event the platform sends (413, dead-lettered)."""
+
+
 _RETRY = "retry in a moment (sending the same request again is safe)"
 
 # error class -> (HTTP status, public error code[, public message]). First match in MRO order
@@ -135,6 +141,7 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str] | tuple[int, str, str]] =
     UpdateTooLarge: (413, "update_too_large"),
     SchemaMismatch: (422, "schema_mismatch"),
     PoisonEvent: (400, "invalid_event"),
+    EventTooLarge: (413, "event_too_large"),
     ConfigError: (
         500,
         "configuration_error",

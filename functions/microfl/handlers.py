@@ -6,6 +6,7 @@ event delivery retries them, poison events 400 so it dead-letters them."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -17,16 +18,32 @@ from microfl import aggregate as aggregate_service
 from microfl import finalize as finalize_service
 from microfl import ingest as ingest_service
 from microfl import logs
-from microfl.backends import Backends, backends_from_env
-from microfl.errors import BadRequest, Unauthorized, http_error
+from microfl.backends import Backends, backends_from_env, check_env
+from microfl.errors import BadRequest, ConfigError, EventTooLarge, Unauthorized, http_error
 from microfl.serde import Event, event_from_http
 from microfl.tokens import bearer, valid_id
 
-__all__ = ["aggregate", "finalize", "ingest", "not_found", "set_backends"]
+__all__ = ["aggregate", "check_config", "finalize", "ingest", "not_found", "set_backends"]
 
 LOG = logging.getLogger(__name__)
+MAX_EVENT_BYTES = 64 * 1024  # events are a few hundred bytes; nothing reads more than this
 _backends: Backends | None = None
 _lock = threading.Lock()
+
+
+def check_config(target: str) -> None:
+    """Exit the process with the reason in its log if `target` must not run with this
+    environment (backends.check_env), so that the revision never becomes ready. main.py calls
+    it at import, before the server starts. Without MICROFL_STORE the functions are embedded
+    (tests inject their backends with set_backends) and nothing is checked here."""
+    if _backends is not None or not os.environ.get("MICROFL_STORE"):
+        return
+    try:
+        check_env(target)
+    except ConfigError as exc:
+        logs.install()
+        LOG.critical("microfl %s refuses to start: configuration error: %s", target, exc)
+        raise SystemExit(2) from None
 
 
 def set_backends(b: Backends | None) -> None:
@@ -145,10 +162,15 @@ def _event_function(handle: Callable[[Backends, Any], None]) -> Callable[[flask.
             )
         context: dict[str, Any] = {}
         try:
+            if (request.content_length or 0) > MAX_EVENT_BYTES:
+                raise _too_large(request.content_length)
             b = _get_backends()
             if b.push_auth is not None:
                 b.push_auth.verify(request.headers.get("Authorization"))
-            event = event_from_http(dict(request.headers), request.get_data())
+            body = request.stream.read(MAX_EVENT_BYTES + 1)  # chunked bodies: bounded too
+            if len(body) > MAX_EVENT_BYTES:
+                raise _too_large(None)
+            event = event_from_http(dict(request.headers), body)
             context = _event_context(event)
             handle(b, event)
         except Exception as exc:
@@ -157,6 +179,14 @@ def _event_function(handle: Callable[[Backends, Any], None]) -> Callable[[flask.
         return _json(200, {"status": "done", "id": event.id})
 
     return endpoint
+
+
+def _too_large(length: int | None) -> EventTooLarge:
+    size = f"{length} bytes" if length is not None else "larger"
+    return EventTooLarge(
+        f"event body is {size}; events are at most {MAX_EVENT_BYTES} bytes (a CloudEvent of "
+        "the platform, in binary or structured mode)"
+    )
 
 
 aggregate = _event_function(aggregate_service.handle)

@@ -27,6 +27,7 @@ from microfl.jobs import (
     open_round,
     record_key,
     require_open,
+    revoked_key,
     seal_key,
     update_key,
     updates_prefix,
@@ -41,8 +42,16 @@ SEAL_WAIT = 10.0  # seconds an upload waits for a seal in progress before answer
 
 
 def _authorize(b: Backends, job: str, token: str | None) -> tuple[Claims, JobSpec]:
-    claims = verify_token(b.secret, token, job, now=b.clock())
-    return claims, load_job(b.store, job)
+    claims = verify_token(
+        b.secret, token, job, now=b.clock(), previous=b.secret_previous, max_ttl=b.max_token_ttl
+    )
+    spec = load_job(b.store, job)
+    if claims.client is not None and b.store.exists(revoked_key(job, claims.client)):
+        raise Forbidden(
+            f"client {claims.client!r} was revoked from job {job!r} (microfl token revoke); "
+            "its tokens no longer admit it: ask the operator"
+        )
+    return claims, spec
 
 
 def get_job(b: Backends, job: str, token: str | None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Layout under `jobs/{job}/` (every object written once, create-only):
     job.json                                  JobSpec
     models/{v:08d}.safetensors                global model version v (0 = initial)
     optimizer/{v:08d}.safetensors             server optimiser state after version v (FedAdam)
+    revoked/{client}                          the client's tokens no longer admit it (JSON)
     rounds/{r:08d}/updates/{client}           a client's update for round r
     rounds/{r:08d}/closing.json               the decision to seal, written before the listing
     rounds/{r:08d}/seal.json                  the sealed manifest: which updates, in which chunks
@@ -52,6 +53,7 @@ __all__ = [
     "partials_prefix",
     "record_key",
     "require_open",
+    "revoked_key",
     "round_opened_at",
     "seal_key",
     "update_key",
@@ -191,6 +193,11 @@ def model_key(job: str, version: int) -> str:
 
 def optimizer_key(job: str, version: int) -> str:
     return f"jobs/{job}/optimizer/{version:08d}.safetensors"
+
+
+def revoked_key(job: str, client: str) -> str:
+    """`microfl token revoke` writes it (create-only); ingest refuses the client's tokens."""
+    return f"jobs/{job}/revoked/{client}"
 
 
 def _round(job: str, r: int) -> str:

@@ -143,7 +143,7 @@ def ingest_profile(workdir: Path, bootstrap: str, quick: bool) -> dict[str, Any]
     from microfl.tokens import issue_token
 
     ensure_topics(bootstrap)
-    secret = b"bench-secret-0123456789"
+    secret = b"bench-secret-0123456789-0123456789"
     out = {}
     for label, params, count in (
         ("100 KB", 25_000, 40 if quick else 300),

@@ -45,7 +45,7 @@ from microfl.tokens import issue_token
 
 __all__ = ["SCENARIOS", "ChaosEnv", "ScenarioResult", "report_markdown", "run_scenario"]
 
-SECRET = "microfl-chaos-secret-0123456789"
+SECRET = "microfl-chaos-secret-0123456789-abcdef"
 
 
 @dataclass

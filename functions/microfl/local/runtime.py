@@ -71,6 +71,7 @@ class LocalRuntime:
                 "MICROFL_BUS": "pubsub",
                 "MICROFL_PUBSUB_PROJECT": PROJECT,
                 "PUBSUB_EMULATOR_HOST": self.bootstrap,
+                "MICROFL_PUSH_AUTH": "off",  # the emulator's pushes carry no OIDC token
             }
         else:
             env["MICROFL_KAFKA_BOOTSTRAP"] = self.bootstrap
