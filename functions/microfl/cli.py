@@ -181,15 +181,12 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     """Create-only, so a revocation stays; the client's tokens are refused from now on."""
-    from microfl.jobs import load_job, revoked_key
+    from microfl.jobs import revoke_client
     from microfl.tokens import valid_id
 
     if not (valid_id(args.job) and valid_id(args.client)):
         raise ValueError("--job and --client take ids: 1-64 letters, digits, '.', '_', '-'")
-    store = _store()
-    load_job(store, args.job)  # the job exists (JobNotFound otherwise)
-    record = {"client": args.client, "revoked_at": int(time.time())}
-    created = store.create(revoked_key(args.job, args.client), json.dumps(record).encode())
+    created = revoke_client(_store(), args.job, args.client, time.time())
     state = "revoked" if created else "was already revoked"
     print(f"client {args.client} of job {args.job} {state}: ingest refuses its tokens (403)")
     return 0

@@ -53,6 +53,7 @@ __all__ = [
     "partials_prefix",
     "record_key",
     "require_open",
+    "revoke_client",
     "revoked_key",
     "round_opened_at",
     "seal_key",
@@ -198,6 +199,13 @@ def optimizer_key(job: str, version: int) -> str:
 def revoked_key(job: str, client: str) -> str:
     """`microfl token revoke` writes it (create-only); ingest refuses the client's tokens."""
     return f"jobs/{job}/revoked/{client}"
+
+
+def revoke_client(store: ObjectStore, job: str, client: str, now: float) -> bool:
+    """Refuse every token of the client from now on; False if it was revoked already."""
+    load_job(store, job)  # the job exists (JobNotFound otherwise)
+    record = json_to_bytes({"client": client, "revoked_at": int(now)})
+    return store.create(revoked_key(job, client), record)
 
 
 def _round(job: str, r: int) -> str:

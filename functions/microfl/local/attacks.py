@@ -20,6 +20,10 @@ from microfl.tokens import issue_token
 __all__ = ["ATTACKS", "Attack", "Target", "fire"]
 
 
+GUESSED_SECRET = b"an-attacker-guessed-this-0123456789"
+REVOKED = "evil-revoked"  # the scenario revokes this client before it attacks
+
+
 @dataclass(frozen=True)
 class Target:
     url: str  # the ingest URL
@@ -111,7 +115,7 @@ ATTACKS: tuple[Attack, ...] = (
     Attack(
         "token signed with another secret",
         401,
-        lambda t, client: (issue_token(b"x" * 32 + b"-guessed", t.job, client), _update(t)),
+        lambda t, client: (issue_token(GUESSED_SECRET, t.job, client), _update(t)),
     ),
     Attack(
         "token for another job",
@@ -122,6 +126,11 @@ ATTACKS: tuple[Attack, ...] = (
         "expired token",
         403,
         lambda t, client: (_token(t, client, ttl=1, now=0), _update(t)),
+    ),
+    Attack(
+        "token of a revoked client",
+        403,
+        lambda t, client: (_token(t, REVOKED), _update(t)),
     ),
     Attack(
         "admin token posting an update",

@@ -31,6 +31,7 @@ from microfl.jobs import (
     load_job,
     model_key,
     record_key,
+    revoke_client,
     seal_key,
     updates_prefix,
 )
@@ -180,6 +181,7 @@ def _jump_clock(run: Run) -> None:
 
 def _attack(run: Run) -> None:
     limit = load_job(run.store, run.job).update_limit
+    revoke_client(run.store, run.job, attacks.REVOKED, time.time())
     reader = issue_token(SECRET.encode(), run.job, "evil-reader")
     model, _ = Client(run.runtime.ingest_url, run.job, reader).model()
     for r, started in enumerate(run.round_started, 1):
