@@ -156,12 +156,13 @@ def cmd_job_create(args: argparse.Namespace) -> int:
         created_at=time.time(),
     )
     store = _store()
-    create_job(store, spec, model)
+    created = create_job(store, spec, model)  # a retry with the same spec and model: False
     params = sum(t.nbytes for t in spec.schema) // 4
     print(
-        f"created job {args.job} in {store.url}: {len(spec.schema)} tensors (~{params:,} "
-        f"float32 parameters), {spec.rounds} rounds, quorum {spec.min_clients}, "
-        f"deadline {spec.round_timeout:g}s, {spec.strategy}"
+        f"{'created' if created else 'found'} job {args.job} in {store.url}: "
+        f"{len(spec.schema)} tensors (~{params:,} float32 parameters), {spec.rounds} rounds, "
+        f"quorum {spec.min_clients}, deadline {spec.round_timeout:g}s, {spec.strategy}"
+        + ("" if created else " (made earlier with this model and options; nothing changed)")
     )
     return 0
 

@@ -15,6 +15,7 @@ from microfl.faults import failpoint
 from microfl.jobs import (
     JobSpec,
     Seal,
+    check_model,
     closing_key,
     latest_version,
     load_job,
@@ -37,10 +38,17 @@ from microfl.serde import (
 )
 from microfl.strategy import make_strategy, mean_of, merge
 
-__all__ = ["commit", "handle", "seal", "sweep"]
+__all__ = ["SWEEP_TRIGGER", "client_trigger", "commit", "handle", "seal", "sweep"]
 
 LOG = logging.getLogger(__name__)
 RESEND_AFTER = 10.0  # seconds a sealed round may wait for a partial before it is requested again
+# Seal.trigger labels. Client ids never contain ':' (tokens.valid_id), so "client:<id>" and
+# "internal:<what>" cannot collide, whatever a client is called (a client named "sweep" included).
+SWEEP_TRIGGER = "internal:sweep"
+
+
+def client_trigger(client: str) -> str:
+    return f"client:{client}"
 
 
 def handle(b: Backends, event: Event) -> None:
@@ -58,7 +66,7 @@ def handle(b: Backends, event: Event) -> None:
     except JobNotFound as exc:
         raise PoisonEvent(str(exc)) from None
     if event.type == events.UPDATE_ACCEPTED:
-        seal(b, spec, r, trigger=str(event.data.get("client", "")))
+        seal(b, spec, r, trigger=client_trigger(str(event.data.get("client", ""))))
     else:
         commit(b, spec, r)
 
@@ -67,10 +75,10 @@ def seal(
     b: Backends, spec: JobSpec, r: int, trigger: str, resend_after: float | None = None
 ) -> Seal | None:
     """Seal round r if it is open and has quorum or is past its deadline, and request its
-    partials. Partials still missing are requested again by a redelivery of the event that
-    sealed the round (its instance may have died before publishing) and by the sweep
-    (resend_after seconds after the seal); other events leave a sealed round alone, so late
-    update events do not multiply the work."""
+    partials. The call that creates the seal requests them once; partials still missing (that
+    instance may have died before publishing) are requested again only by the sweep,
+    resend_after seconds after the seal. Every other event, a redelivery of the very event that
+    sealed the round included, leaves a sealed round alone, so no event multiplies the work."""
     job = spec.job
     existing = b.store.read(seal_key(job, r))
     created = False
@@ -99,8 +107,7 @@ def seal(
     if b.store.exists(record_key(job, r)):
         return sealed
     swept = resend_after is not None and b.clock() - sealed.sealed_at >= resend_after
-    redelivered = resend_after is None and sealed.trigger == trigger
-    if not (created or redelivered or swept):
+    if not (created or swept):
         return sealed
     done = set(b.store.list(partials_prefix(job, r)))
     wanted = [
@@ -199,7 +206,7 @@ def _write_model(b: Backends, spec: JobSpec, r: int, total: dict, weight: int) -
     current_bytes = b.store.read(model_key(job, r - 1))
     if current_bytes is None:
         raise JobNotFound(f"job {job!r} has no model version {r - 1}")
-    current, _ = tensors_from_safetensors(current_bytes)
+    current, _ = tensors_from_safetensors(check_model(spec, r - 1, current_bytes))
     state = None
     if spec.strategy != "fedavg" and r > 1:
         saved = b.store.read(optimizer_key(job, r - 1))
@@ -246,6 +253,6 @@ def sweep(b: Backends) -> None:
                 commit(b, spec, version, announce=True)  # record lost with its instance
             r = open_round(spec, version)
             if r is not None:
-                seal(b, spec, r, trigger="sweep", resend_after=RESEND_AFTER)
+                seal(b, spec, r, trigger=SWEEP_TRIGGER, resend_after=RESEND_AFTER)
         except Exception as exc:  # one broken job must not stop the sweep of the others
             LOG.error("sweep: job %s: %s", job, exc, exc_info=exc, extra={"job": job})

@@ -20,6 +20,7 @@ from microfl.faults import failpoint
 from microfl.jobs import (
     JobSpec,
     Seal,
+    check_model,
     closing_key,
     latest_version,
     load_job,
@@ -80,7 +81,7 @@ def get_model(
     data = b.store.read(model_key(job, v)) if 0 <= v <= latest else None
     if data is None:
         raise RoundNotFound(f"job {job!r} has no model version {v}; the latest is {latest}")
-    return data, v
+    return check_model(spec, v, data), v
 
 
 def get_round(b: Backends, job: str, r: int, token: str | None) -> dict[str, Any]:
@@ -142,13 +143,12 @@ def post_update(
             "cannot be changed"
         )
     _settle(b, job, r, client, key)
-    # Announce on replays too: the first announcement may have been lost with its instance.
+    if stored is not None:
+        # A replay publishes nothing, so a flood of them makes no work. If the instance that
+        # stored the update died before announcing it, finalize's sweep finds the update.
+        return 200, {"round": r, "client": client, "status": "replay"}
     b.bus.publish([events.update_accepted(job, r, client)], key=job)
-    return (
-        (202, {"round": r, "client": client, "status": "accepted"})
-        if stored is None
-        else (200, {"round": r, "client": client, "status": "replay"})
-    )
+    return 202, {"round": r, "client": client, "status": "accepted"}
 
 
 def _settle(b: Backends, job: str, r: int, client: str, key: str) -> None:

@@ -15,9 +15,10 @@ Layout under `jobs/{job}/` (every object written once, create-only):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from microfl.errors import (
     RoundNotOpen,
     SchemaMismatch,
 )
+from microfl.faults import failpoint
 from microfl.serde import (
     DTYPES,
     dtype_code,
@@ -42,6 +44,7 @@ __all__ = [
     "JobSpec",
     "Seal",
     "TensorSpec",
+    "check_model",
     "create_job",
     "job_key",
     "latest_version",
@@ -101,6 +104,7 @@ class JobSpec:
     max_update_bytes: int = 0  # 0: the model's size plus 1 MiB of header room
     created_at: float = 0.0
     max_examples: int = DEFAULT_MAX_EXAMPLES  # job.json files without it load with the default
+    model_sha256: str = ""  # model 0's hash, set by create_job ("" in jobs made before it was recorded)
 
     def __post_init__(self) -> None:
         problems = []
@@ -159,7 +163,9 @@ class Seal:
     fan_in: int
     reason: str  # "quorum" or "deadline"
     sealed_at: float
-    trigger: str = ""  # what sealed it: the client whose update event did, or "sweep"
+    # What sealed it, for the record only: "client:<id>" (that client's update event) or
+    # "internal:sweep"; seals written before 2027-01 hold a bare client id or "sweep".
+    trigger: str = ""
 
     @property
     def chunks(self) -> int:
@@ -242,17 +248,64 @@ def record_key(job: str, r: int) -> str:
     return f"{_round(job, r)}/record.json"
 
 
-def create_job(store: ObjectStore, spec: JobSpec, model: bytes) -> None:
-    """Write model version 0, then the job (so a job that exists always has a model)."""
+def create_job(store: ObjectStore, spec: JobSpec, model: bytes) -> bool:
+    """Create a job with model version 0; True if this call created it, False if the job exists
+    already with the same spec and model (a retry). Safe to retry after a crash at any line.
+
+    job.json, which names model 0's sha256, is the commit point: a job either does not exist or
+    its job.json is the one its creator committed. Model 0 without a job.json is debris of a
+    crashed attempt and is replaced. Two racers with different models: one job.json wins, the
+    other is told the job exists; a loser that stalled between replacing the debris and trying
+    to commit can still overwrite the winner's model 0 afterwards. Readers then refuse model 0
+    (`check_model`), and running the winner's create again repairs it."""
     tensors, _ = tensors_from_safetensors(model)
     schema = JobSpec.for_model(spec.job, tensors).schema
     if schema != spec.schema:
         raise ConfigError(f"job {spec.job!r}: the model file does not match the job's schema")
-    if store.exists(job_key(spec.job)):
-        raise ConfigError(f"job {spec.job!r} exists already; pick another id")
-    store.create(model_key(spec.job, 0), model)
-    if not store.create(job_key(spec.job), spec.to_bytes()):
-        raise ConfigError(f"job {spec.job!r} exists already; pick another id")
+    digest = hashlib.sha256(model).hexdigest()
+    if spec.model_sha256 not in ("", digest):
+        raise ConfigError(f"job {spec.job!r}: the model file's sha256 is not the spec's")
+    spec = replace(spec, model_sha256=digest)
+    key = model_key(spec.job, 0)
+    committed = store.read(job_key(spec.job))
+    created = False
+    if committed is None:
+        if store.read(key) not in (None, model):
+            store.delete(key)  # uncommitted debris of a crashed attempt with another model
+        store.create(key, model)
+        failpoint("jobs.after_model")
+        created = store.create(job_key(spec.job), spec.to_bytes())
+        committed = spec.to_bytes() if created else store.read(job_key(spec.job))
+    if committed is None or not _same_job(JobSpec.from_bytes(committed), spec):
+        raise ConfigError(
+            f"job {spec.job!r} exists already with another spec or model; pick another id"
+        )
+    for _ in range(3):  # a racer replaced model 0 after job.json was committed: put it back
+        current = store.read(key)
+        if current == model:
+            return created
+        if current is not None:
+            store.delete(key)
+        store.create(key, model)
+    raise ConfigError(
+        f"job {spec.job!r}: model 0 keeps changing; another `microfl job create {spec.job}` "
+        "with another model is running. Stop it, then run this command again"
+    )
+
+
+def _same_job(a: JobSpec, b: JobSpec) -> bool:
+    """The same job, whenever each was made (retries get a new created_at)."""
+    return replace(a, created_at=0.0) == replace(b, created_at=0.0)
+
+
+def check_model(spec: JobSpec, version: int, data: bytes) -> bytes:
+    """Model 0's bytes, if they are the ones its job.json names (other versions pass)."""
+    if version == 0 and spec.model_sha256 and hashlib.sha256(data).hexdigest() != spec.model_sha256:
+        raise ConfigError(
+            f"job {spec.job!r}: model 0 is not the model the job was created with; run "
+            f"`microfl job create {spec.job}` again with the same model and options to repair it"
+        )
+    return data
 
 
 def load_job(store: ObjectStore, job: str) -> JobSpec:

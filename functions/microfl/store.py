@@ -8,8 +8,10 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
+import secrets
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,6 +19,8 @@ from urllib.parse import urlparse
 from microfl.errors import ConfigError, StorageUnavailable
 
 __all__ = ["FileStore", "GcsStore", "ObjectStore", "open_store"]
+
+WRITER_METADATA = "microfl-writer"  # custom metadata key: the nonce of the create that wrote it
 
 
 class ObjectStore(ABC):
@@ -151,20 +155,33 @@ class GcsStore(ObjectStore):
             raise
 
     def create(self, key: str, data: bytes) -> bool:
-        from google.api_core.exceptions import PreconditionFailed
+        return self._create_once(
+            key,
+            lambda blob: blob.upload_from_string(
+                data, content_type="application/octet-stream", if_generation_match=0
+            ),
+        )
 
+    def _create_once(self, key: str, upload: Callable[[Any], None]) -> bool:
+        """Run a create-only upload (if_generation_match=0) of a blob tagged with a nonce of
+        this call. google-cloud-storage retries such uploads on transient errors, so a 412 can
+        answer the retry of an attempt that did write (its answer lost): the nonce on the
+        object tells "this call created it" from "another writer did"."""
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        nonce = secrets.token_hex(16)
         blob = self.bucket.blob(self.prefix + key)
+        blob.metadata = {WRITER_METADATA: nonce}
         try:
-            self._call(
-                f"create {key}",
-                blob.upload_from_string,
-                data,
-                content_type="application/octet-stream",
-                if_generation_match=0,
-            )
+            self._call(f"create {key}", upload, blob)
             return True
         except PreconditionFailed:
-            return False
+            pass
+        try:
+            found = self._call(f"create {key}", self.bucket.get_blob, self.prefix + key)
+        except NotFound:
+            found = None
+        return found is not None and (found.metadata or {}).get(WRITER_METADATA) == nonce
 
     def read(self, key: str) -> bytes | None:
         from google.api_core.exceptions import NotFound
