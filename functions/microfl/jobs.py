@@ -104,7 +104,7 @@ class JobSpec:
     max_update_bytes: int = 0  # 0: the model's size plus 1 MiB of header room
     created_at: float = 0.0
     max_examples: int = DEFAULT_MAX_EXAMPLES  # job.json files without it load with the default
-    model_sha256: str = ""  # model 0's hash, set by create_job ("" in jobs made before it was recorded)
+    model_sha256: str = ""  # model 0's hash, set by create_job ("" in older jobs)
 
     def __post_init__(self) -> None:
         problems = []
