@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,9 +31,11 @@ from microfl.errors import (
 )
 from microfl.serde import (
     DTYPES,
+    FileTensor,
     dtype_code,
     json_from_bytes,
     json_to_bytes,
+    tensor_blocks,
     tensors_from_safetensors,
 )
 from microfl.store import ObjectStore
@@ -61,6 +64,7 @@ __all__ = [
 
 STRATEGIES = ("fedavg", "fedadam")
 MAX_EXAMPLES = 10**12
+HEADER_ROOM = 8 * 1024  # bytes of an update's header beyond twice the model's: its __metadata__
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,18 @@ class JobSpec:
     @property
     def update_limit(self) -> int:
         return self.max_update_bytes or sum(t.nbytes for t in self.schema) + (1 << 20)
+
+    @property
+    def header_limit(self) -> int:
+        """The largest safetensors header an update may have: twice the model's own (other
+        writers order and space their JSON differently) plus HEADER_ROOM. It bounds the CPU a
+        hostile header can cost to a small multiple of parsing the model's."""
+        layout, offset = {}, 0
+        for t in self.schema:
+            span = [offset, offset + t.nbytes]
+            layout[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": span}
+            offset += t.nbytes
+        return 2 * len(json_to_bytes(layout)) + HEADER_ROOM
 
     def to_bytes(self) -> bytes:
         doc = asdict(self)
@@ -269,8 +285,11 @@ def round_opened_at(store: ObjectStore, spec: JobSpec, r: int) -> float | None:
     return float(json_from_bytes(data)["committed_at"]) if data else None
 
 
-def validate_update(spec: JobSpec, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
-    """The update's num_examples, once its tensors match the job's model exactly."""
+def validate_update(
+    spec: JobSpec, tensors: Mapping[str, np.ndarray | FileTensor], metadata: dict[str, str]
+) -> int:
+    """The update's num_examples, once its tensors match the job's model exactly. Values are
+    checked block by block (tensor_blocks), so a spooled upload is never read whole."""
     raw = metadata.get("num_examples")
     if raw is None or not re.fullmatch(r"[0-9]{1,13}", raw) or not 0 < int(raw) <= MAX_EXAMPLES:
         raise InvalidUpdate(
@@ -295,6 +314,6 @@ def validate_update(spec: JobSpec, tensors: dict[str, np.ndarray], metadata: dic
                 f"update tensor {name!r} has dtype {dtype_code(arr.dtype)}; the job's model "
                 f"expects {t.dtype}"
             )
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and not all(np.isfinite(b).all() for b in tensor_blocks(arr)):
             raise SchemaMismatch(f"update tensor {name!r} contains NaN or Inf; send finite values")
     return int(raw)
