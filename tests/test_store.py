@@ -15,7 +15,7 @@ from google.cloud import storage
 
 from microfl.errors import ConfigError
 from microfl.local.gcs import FakeGcsServer
-from microfl.store import BLOCK, FileStore, GcsStore, ObjectStore, open_store
+from microfl.store import BLOCK, GCS_CHUNK, FileStore, GcsStore, ObjectStore, open_store
 
 KEYS = [
     "jobs/j/job.json",
@@ -137,11 +137,11 @@ class TestObjectStore:
         assert store.list("jobs/j/models/") == [KEYS[1], KEYS[3], KEYS[4]]
 
     def test_create_from_file_streams_a_file_create_only(self, store: ObjectStore) -> None:
-        data = random.Random(3).randbytes(3 * BLOCK + 17)  # GCS: a resumable upload of 4 chunks
+        data = random.Random(3).randbytes(3 * GCS_CHUNK + 17)  # GCS: resumable, in 4 chunks
         upload = Recorded(data)
         upload.seek(len(data))  # the file's position does not matter: it is sent from its start
         assert store.create_from_file("up/big", upload)
-        assert max(upload.sizes) <= BLOCK, "read more than a block of the file at once"
+        assert max(upload.sizes) <= GCS_CHUNK, "read more than a chunk of the file at once"
         assert not store.create_from_file("up/big", Recorded(b"other"))
         assert store.read("up/big") == data
         assert store.create_from_file("up/small", Recorded(b"small"))  # GCS: one request

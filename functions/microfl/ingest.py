@@ -45,7 +45,11 @@ from microfl.tokens import Claims, verify_token
 __all__ = ["get_job", "get_model", "get_round", "post_update"]
 
 SEAL_WAIT = 10.0  # seconds an upload waits for a seal in progress before answering 503
-BLOCK = 256 * 1024  # bytes of a body read (and compared) at a time; bodies up to it stay in memory
+# Bytes of a body read at a time. gunicorn holds about three times that per read, so with 100
+# uploads at once it is a memory budget; smaller reads cost CPU (256 KiB: twice 1 MiB's, in
+# load/bench/ingest_memory.py).
+BLOCK = 512 * 1024
+SPOOL_IN_MEMORY = 64 * 1024  # a body up to this size is not written to a temporary file
 
 
 def _authorize(b: Backends, job: str, token: str | None) -> tuple[Claims, JobSpec]:
@@ -157,9 +161,9 @@ def _store_update(
 def _spooled(
     read_body: Callable[[int], bytes], limit: int, job: str
 ) -> Iterator[tuple[IO[bytes], int]]:
-    """(file, size) of the request body, read BLOCK at a time into a temporary file that is in
-    memory up to BLOCK and gone when closed; more than limit bytes is refused as they arrive."""
-    with tempfile.SpooledTemporaryFile(max_size=BLOCK) as spool:
+    """(file, size) of the request body, read BLOCK at a time into a temporary file (in memory
+    up to SPOOL_IN_MEMORY, gone when closed); more than limit bytes is refused as they arrive."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
         size = 0
         while chunk := read_body(min(BLOCK, limit + 1 - size)):
             size += len(chunk)

@@ -64,7 +64,7 @@ __all__ = [
 
 STRATEGIES = ("fedavg", "fedadam")
 MAX_EXAMPLES = 10**12
-HEADER_ROOM = 8 * 1024  # bytes of an update's header beyond twice the model's: its __metadata__
+HEADER_ROOM = 4 * 1024  # bytes of an update's header beyond twice the model's: its __metadata__
 
 
 @dataclass(frozen=True)

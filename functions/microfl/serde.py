@@ -233,11 +233,10 @@ def _layout(head: bytes, data_size: int) -> tuple[dict[str, _Slot], dict[str, st
 def _header_int(token: str) -> int:
     """json's parse_int for headers: a long integer is refused before Python builds it (building
     and multiplying integers of thousands of digits costs seconds of CPU)."""
-    digits = len(token.lstrip("-"))
-    if digits > MAX_DIGITS:
+    if len(token) > MAX_DIGITS and len(token.lstrip("-")) > MAX_DIGITS:  # one test per int
         raise InvalidUpdate(
-            f"safetensors header has an integer of {digits} digits; shapes and data_offsets "
-            f"have at most {MAX_DIGITS}"
+            f"safetensors header has an integer of {len(token.lstrip('-'))} digits; shapes and "
+            f"data_offsets have at most {MAX_DIGITS}"
         )
     return int(token)
 

@@ -22,7 +22,8 @@ from microfl.errors import ConfigError, StorageUnavailable
 
 __all__ = ["FileStore", "GcsStore", "ObjectStore", "open_store"]
 
-BLOCK = 1 << 20  # bytes of a file copied at a time (GCS: the resumable upload's chunk size)
+BLOCK = 256 * 1024  # bytes of a file copied at a time
+GCS_CHUNK = 4 * BLOCK  # of a resumable upload: one request each, held in memory while it goes
 
 
 class ObjectStore(ABC):
@@ -204,24 +205,24 @@ class GcsStore(ObjectStore):
             return False
 
     def create_from_file(self, key: str, file: IO[bytes]) -> bool:
-        """Files above BLOCK go as resumable uploads in chunks of BLOCK: the library would read a
-        file of up to 8 MiB whole (multipart), and keeps a 100 MiB chunk in memory by default.
+        """Files above GCS_CHUNK go as resumable uploads in chunks of GCS_CHUNK: the library
+        would read a file of up to 8 MiB whole (multipart), and holds 100 MiB chunks by default.
         A resumable upload first looks whether the object exists: no large upload only to learn
         412 at its end (and fake-gcs-server ignores preconditions on resumable uploads, its
         issue #1967; GCS itself enforces them, which is what makes this create-only)."""
         from google.api_core.exceptions import PreconditionFailed
 
-        blob = self.bucket.blob(self.prefix + key, chunk_size=BLOCK)
+        blob = self.bucket.blob(self.prefix + key, chunk_size=GCS_CHUNK)
         size = file.seek(0, os.SEEK_END)
         file.seek(0)
-        if size > BLOCK and self._call(f"create {key}", blob.exists):
+        if size > GCS_CHUNK and self._call(f"create {key}", blob.exists):
             return False
         try:
             self._call(
                 f"create {key}",
                 blob.upload_from_file,
                 file,
-                size=size if size <= BLOCK else None,  # None: resumable, whatever the size
+                size=size if size <= GCS_CHUNK else None,  # None: resumable, whatever the size
                 content_type="application/octet-stream",
                 if_generation_match=0,
             )
