@@ -131,6 +131,7 @@ def post_update(
 def _store_update(
     b: Backends, spec: JobSpec, r: int, client: str, body: IO[bytes], size: int
 ) -> tuple[int, dict]:
+    """post_update once the body is spooled: it is read from the file, a block at a time."""
     job = spec.job
     tensors, metadata = tensors_from_safetensors_file(body, size, spec.header_limit)
     validate_update(spec, tensors, metadata)
