@@ -4,9 +4,11 @@ the seal lists the update."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -27,10 +29,10 @@ class DecidingStore(FileStore):
 
     job = ""
 
-    def create(self, key: str, data: bytes) -> bool:
+    def create_from_file(self, key: str, file: IO[bytes]) -> bool:  # how ingest stores updates
         if self.job and key == update_key(self.job, 1, "client-002"):
             super().create(closing_key(self.job, 1), json_to_bytes({"reason": "quorum"}))
-        return super().create(key, data)
+        return super().create_from_file(key, file)
 
 
 def setup(tmp_path: Path) -> tuple[Backends, JobSpec, dict]:
@@ -43,7 +45,7 @@ def setup(tmp_path: Path) -> tuple[Backends, JobSpec, dict]:
 def post(b: Backends, spec: JobSpec, client: str, updates: dict) -> tuple[int, dict]:
     body = update_bytes(*updates[client])
     token = issue_token(SECRET.encode(), spec.job, client)
-    return ingest.post_update(b, spec.job, 1, token, lambda n: body[:n], len(body))
+    return ingest.post_update(b, spec.job, 1, token, io.BytesIO(body).read, len(body))
 
 
 def test_an_upload_after_the_decision_but_before_the_listing_is_included(tmp_path: Path) -> None:

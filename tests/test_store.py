@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 import threading
 import uuid
@@ -14,7 +15,7 @@ from google.cloud import storage
 
 from microfl.errors import ConfigError
 from microfl.local.gcs import FakeGcsServer
-from microfl.store import FileStore, GcsStore, ObjectStore, open_store
+from microfl.store import BLOCK, GCS_CHUNK, FileStore, GcsStore, ObjectStore, open_store
 
 KEYS = [
     "jobs/j/job.json",
@@ -50,6 +51,23 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
         return FileStore(tmp_path / "store")
     bucket = request.getfixturevalue("new_bucket")()
     return GcsStore(bucket, prefix="tenant/a" if request.param == "gcs-prefix" else "")
+
+
+class Recorded(io.BytesIO):
+    """A file that records the size of every read and write: how much a store held at once."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        super().__init__(data)
+        self.sizes: list[int] = []
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.sizes.append(len(data))
+        return data
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.sizes.append(len(data))
+        return super().write(data)
 
 
 class TestObjectStore:
@@ -117,6 +135,30 @@ class TestObjectStore:
             store.create(key, b"x")
         store.delete("jobs/j/models/0002")
         assert store.list("jobs/j/models/") == [KEYS[1], KEYS[3], KEYS[4]]
+
+    def test_create_from_file_streams_a_file_create_only(self, store: ObjectStore) -> None:
+        data = random.Random(3).randbytes(3 * GCS_CHUNK + 17)  # GCS: resumable, in 4 chunks
+        upload = Recorded(data)
+        upload.seek(len(data))  # the file's position does not matter: it is sent from its start
+        assert store.create_from_file("up/big", upload)
+        assert max(upload.sizes) <= GCS_CHUNK, "read more than a chunk of the file at once"
+        assert not store.create_from_file("up/big", Recorded(b"other"))
+        assert store.read("up/big") == data
+        assert store.create_from_file("up/small", Recorded(b"small"))  # GCS: one request
+        assert not store.create_from_file("up/small", Recorded(data))
+        assert store.create_from_file("up/empty", Recorded())
+        assert store.read("up/small") == b"small" and store.read("up/empty") == b""
+
+    def test_read_to_file_streams_an_object_or_says_there_is_none(self, store: ObjectStore) -> None:
+        data = random.Random(4).randbytes(2 * BLOCK + 5)
+        assert store.create("a/b", data)
+        out = Recorded()
+        assert store.read_to_file("a/b", out)
+        assert out.getvalue() == data
+        assert max(out.sizes) <= BLOCK, "wrote more than a block at once"
+        missing = Recorded()
+        assert not store.read_to_file("a/none", missing)
+        assert missing.getvalue() == b""
 
     def test_concurrent_creates_of_one_key_have_one_winner(self, store: ObjectStore) -> None:
         n = 8

@@ -1,10 +1,16 @@
-"""The ingest service: what the HTTP function does for each endpoint, free of HTTP itself."""
+"""The ingest service: what the HTTP function does for each endpoint, free of HTTP itself.
+
+An upload is spooled to a temporary file (in memory while small) as it arrives, then parsed,
+checked and stored from there, block by block: one request holds O(block) memory whatever the
+update's size, so containerConcurrency uploads of the largest update fit the memory limit."""
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 
 from microfl import events
 from microfl.backends import Backends
@@ -34,12 +40,18 @@ from microfl.jobs import (
     updates_prefix,
     validate_update,
 )
-from microfl.serde import json_from_bytes, tensors_from_safetensors
+from microfl.serde import json_from_bytes, tensors_from_safetensors_file
+from microfl.store import ObjectStore
 from microfl.tokens import Claims, verify_token
 
 __all__ = ["get_job", "get_model", "get_round", "post_update"]
 
 SEAL_WAIT = 10.0  # seconds an upload waits for a seal in progress before answering 503
+# Bytes of a body read at a time. gunicorn holds about three times that per read, so with 100
+# uploads at once it is a memory budget; smaller reads cost CPU (256 KiB: twice 1 MiB's, in
+# load/bench/ingest_memory.py).
+BLOCK = 512 * 1024
+SPOOL_IN_MEMORY = 64 * 1024  # a body up to this size is not written to a temporary file
 
 
 def _authorize(b: Backends, job: str, token: str | None) -> tuple[Claims, JobSpec]:
@@ -116,7 +128,8 @@ def post_update(
     read_body: Callable[[int], bytes],
     content_length: int | None,
 ) -> tuple[int, dict]:
-    """Validate, store create-only, announce. 202 new, 200 replay of the same bytes."""
+    """Validate, store create-only, announce. 202 new, 200 replay of the same bytes.
+    read_body is the request stream's read: up to n more bytes, b"" at the end."""
     claims, spec = _authorize(b, job, token)
     client = claims.client
     if client is None:
@@ -124,20 +137,26 @@ def post_update(
     limit = spec.update_limit
     if content_length is not None and content_length > limit:
         raise UpdateTooLarge(f"update is {content_length} bytes; job {job!r} takes at most {limit}")
-    body = read_body(limit + 1)
-    if len(body) > limit:
-        raise UpdateTooLarge(f"update is larger than job {job!r}'s limit of {limit} bytes")
-    tensors, metadata = tensors_from_safetensors(body)
+    with _spooled(read_body, limit, job) as (body, size):
+        return _store_update(b, spec, r, client, body, size)
+
+
+def _store_update(
+    b: Backends, spec: JobSpec, r: int, client: str, body: IO[bytes], size: int
+) -> tuple[int, dict]:
+    """post_update once the body is spooled: it is read from the file, a block at a time."""
+    job = spec.job
+    tensors, metadata = tensors_from_safetensors_file(body, size, spec.header_limit)
     validate_update(spec, tensors, metadata)
 
     key = update_key(job, r, client)
-    stored = b.store.read(key)
+    stored = _same_as_stored(b.store, key, body)  # None: nothing stored yet
     if stored is None:
         require_open(spec, b.store, r)
-        if not b.store.create(key, body):
-            stored = b.store.read(key)
+        if not b.store.create_from_file(key, body):
+            stored = _same_as_stored(b.store, key, body)
         failpoint("ingest.after_update")
-    if stored is not None and stored != body:
+    if stored is not None and not stored:
         raise ConflictingUpdate(
             f"client {client!r} already sent a different update for round {r}; an update "
             "cannot be changed"
@@ -149,6 +168,44 @@ def post_update(
         return 200, {"round": r, "client": client, "status": "replay"}
     b.bus.publish([events.update_accepted(job, r, client)], key=job)
     return 202, {"round": r, "client": client, "status": "accepted"}
+
+
+@contextmanager
+def _spooled(
+    read_body: Callable[[int], bytes], limit: int, job: str
+) -> Iterator[tuple[IO[bytes], int]]:
+    """(file, size) of the request body, read BLOCK at a time into a temporary file (in memory
+    up to SPOOL_IN_MEMORY, gone when closed); more than limit bytes is refused as they arrive."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+        size = 0
+        while chunk := read_body(min(BLOCK, limit + 1 - size)):
+            size += len(chunk)
+            if size > limit:
+                raise UpdateTooLarge(f"update is larger than job {job!r}'s limit of {limit} bytes")
+            spool.write(chunk)
+        yield spool, size
+
+
+def _same_as_stored(store: ObjectStore, key: str, body: IO[bytes]) -> bool | None:
+    """Whether the object under key has body's bytes (None: there is none), compared as the
+    store streams it: neither is ever whole in memory."""
+    body.seek(0)
+    same = _Comparison(body)
+    if not store.read_to_file(key, same):  # type: ignore[arg-type]  # it only writes
+        return None
+    return same.equal and body.read(1) == b""
+
+
+class _Comparison:
+    """A file-like sink that compares what is written to it with the next bytes of a file."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.equal = file, True
+
+    def write(self, data: bytes) -> int:
+        if self.equal:
+            self.equal = self.file.read(len(data)) == data
+        return len(data)
 
 
 def _settle(b: Backends, job: str, r: int, client: str, key: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -33,9 +34,11 @@ from microfl.errors import (
 from microfl.faults import failpoint
 from microfl.serde import (
     DTYPES,
+    FileTensor,
     dtype_code,
     json_from_bytes,
     json_to_bytes,
+    tensor_blocks,
     tensors_from_safetensors,
 )
 from microfl.store import ObjectStore
@@ -78,6 +81,7 @@ DEFAULT_MAX_EXAMPLES = 1_000_000
 # 5e257 clients, squared at most 4.7e77, and their FedAvg mean (within the range of the values)
 # casts back without overflow. Whatever still overflows is caught at commit (finalize).
 MAX_F64_MAGNITUDE = 1e150
+HEADER_ROOM = 4 * 1024  # bytes of an update's header beyond twice the model's: its __metadata__
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,18 @@ class JobSpec:
     @property
     def update_limit(self) -> int:
         return self.max_update_bytes or sum(t.nbytes for t in self.schema) + (1 << 20)
+
+    @property
+    def header_limit(self) -> int:
+        """The largest safetensors header an update may have: twice the model's own (other
+        writers order and space their JSON differently) plus HEADER_ROOM. It bounds the CPU a
+        hostile header can cost to a small multiple of parsing the model's."""
+        layout, offset = {}, 0
+        for t in self.schema:
+            span = [offset, offset + t.nbytes]
+            layout[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": span}
+            offset += t.nbytes
+        return 2 * len(json_to_bytes(layout)) + HEADER_ROOM
 
     def to_bytes(self) -> bytes:
         doc = asdict(self)
@@ -351,8 +367,11 @@ def round_opened_at(store: ObjectStore, spec: JobSpec, r: int) -> float | None:
     return float(json_from_bytes(data)["committed_at"]) if data else None
 
 
-def validate_update(spec: JobSpec, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
-    """The update's num_examples, once its tensors match the job's model exactly."""
+def validate_update(
+    spec: JobSpec, tensors: Mapping[str, np.ndarray | FileTensor], metadata: dict[str, str]
+) -> int:
+    """The update's num_examples, once its tensors match the job's model exactly. Values are
+    checked block by block (tensor_blocks), so a spooled upload is never read whole."""
     raw = metadata.get("num_examples")
     if raw is None or not re.fullmatch(r"[0-9]{1,13}", raw) or not 0 < int(raw) <= MAX_EXAMPLES:
         raise InvalidUpdate(
@@ -383,11 +402,19 @@ def validate_update(spec: JobSpec, tensors: dict[str, np.ndarray], metadata: dic
                 f"update tensor {name!r} has dtype {dtype_code(arr.dtype)}; the job's model "
                 f"expects {t.dtype}"
             )
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f":
+            _check_values(name, arr)
+    return int(raw)
+
+
+def _check_values(name: str, tensor: np.ndarray | FileTensor) -> None:
+    """Finite, and for F64 within MAX_F64_MAGNITUDE, block by block (no full-size temporary)."""
+    bounded = tensor.dtype == np.float64
+    for block in tensor_blocks(tensor):
+        if not np.isfinite(block).all():
             raise SchemaMismatch(f"update tensor {name!r} contains NaN or Inf; send finite values")
-        if arr.dtype == np.float64 and arr.size and max(-arr.min(), arr.max()) > MAX_F64_MAGNITUDE:
+        if bounded and block.size and max(-block.min(), block.max()) > MAX_F64_MAGNITUDE:
             raise SchemaMismatch(
                 f"update tensor {name!r} has a value of magnitude above {MAX_F64_MAGNITUDE:g}, "
                 "which could overflow the round's sum; send values within that bound"
             )
-    return int(raw)

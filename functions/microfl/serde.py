@@ -1,8 +1,10 @@
 """All wire encodings in one place: safetensors, CloudEvents (Kafka and HTTP bindings), JSON.
 
 safetensors is parsed here rather than by the safetensors package so that every way a hostile
-header can be wrong gets a precise message, and so arrays are zero-copy views of the request body.
-Nothing here ever unpickles."""
+header can be wrong gets a precise message, and so arrays are zero-copy views of the request body
+(or, for an upload spooled to a file, tensors read block by block). The work spent on a header is
+bounded before any arithmetic: its size (the caller's max_header), integers of at most 20 digits,
+at most 16 dimensions per tensor. Nothing here ever unpickles."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import base64
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from microfl.errors import InvalidUpdate, PoisonEvent
 __all__ = [
     "DTYPES",
     "Event",
+    "FileTensor",
     "KafkaRecord",
     "dtype_code",
     "event_from_http",
@@ -29,7 +32,9 @@ __all__ = [
     "event_to_kafka",
     "json_from_bytes",
     "json_to_bytes",
+    "tensor_blocks",
     "tensors_from_safetensors",
+    "tensors_from_safetensors_file",
     "tensors_to_safetensors",
 ]
 
@@ -46,7 +51,11 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
-MAX_HEADER = 16 * 1024 * 1024
+MAX_HEADER = 16 * 1024 * 1024  # for callers that know no model; ingest passes the job's limit
+MAX_DIMS = 16  # per tensor: models use 5 or 6 at most (numpy allows 64)
+MAX_DIGITS = 20  # per integer of a header: 2**64 - 1 has 20
+MAX_BYTES = 2**63 - 1  # numpy's limit on an array's size (npy_intp), empty dimensions aside
+BLOCK = 256 * 1024  # bytes of a tensor checked at a time (tensor_blocks)
 
 
 def dtype_code(dtype: np.dtype) -> str:
@@ -86,23 +95,102 @@ def tensors_to_safetensors(
 
 
 def tensors_from_safetensors(
-    data: bytes | memoryview,
+    data: bytes | memoryview, max_header: int = MAX_HEADER
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(name -> read-only array view, metadata); InvalidUpdate says what is wrong."""
     view = memoryview(data)
-    if len(view) < 8:
+    n = _header_length(view[:8], len(view), max_header)
+    slots, metadata = _layout(bytes(view[8 : 8 + n]), len(view) - 8 - n)
+    body = view[8 + n :]
+    tensors: dict[str, np.ndarray] = {}
+    for name, (dtype, shape, begin, end) in slots.items():
+        try:
+            tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+        except ValueError as exc:  # a dimension numpy cannot hold
+            raise InvalidUpdate(
+                f"tensor {name!r}: shape {list(shape)} is unusable: {exc}"
+            ) from None
+    return tensors, metadata
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """A tensor of a safetensors file that stays on disk (a spooled upload): what a check needs
+    of an array (dtype, shape) and its data at bytes [begin, end) of the file, read with
+    tensor_blocks."""
+
+    file: IO[bytes]
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def tensors_from_safetensors_file(
+    file: IO[bytes], size: int, max_header: int = MAX_HEADER
+) -> tuple[dict[str, FileTensor], dict[str, str]]:
+    """tensors_from_safetensors for a file of size bytes: the same checks and messages, but only
+    the header is read into memory."""
+    file.seek(0)
+    n = _header_length(file.read(8), size, max_header)
+    slots, metadata = _layout(file.read(n), size - 8 - n)
+    start = 8 + n
+    tensors = {
+        name: FileTensor(file, dtype, shape, start + begin, start + end)
+        for name, (dtype, shape, begin, end) in slots.items()
+    }
+    return tensors, metadata
+
+
+def tensor_blocks(tensor: np.ndarray | FileTensor, nbytes: int = BLOCK) -> Iterator[np.ndarray]:
+    """A tensor's values, flat, in pieces of at most nbytes (at least one value): a check over a
+    whole tensor never needs a temporary the size of the tensor."""
+    step = max(1, nbytes // tensor.dtype.itemsize)
+    if isinstance(tensor, np.ndarray):
+        flat = tensor.reshape(-1)
+        for i in range(0, flat.size, step):
+            yield flat[i : i + step]
+        return
+    position, step = tensor.begin, step * tensor.dtype.itemsize
+    while position < tensor.end:
+        tensor.file.seek(position)
+        data = tensor.file.read(min(step, tensor.end - position))
+        yield np.frombuffer(data, dtype=tensor.dtype)
+        position += len(data)
+
+
+def _header_length(first: bytes | memoryview, size: int, max_header: int) -> int:
+    if size < 8:
         raise InvalidUpdate(
-            f"body is {len(view)} bytes; a safetensors file starts with an 8-byte header length"
+            f"body is {size} bytes; a safetensors file starts with an 8-byte header length"
         )
-    (n,) = struct.unpack("<Q", view[:8])
-    if n > min(len(view) - 8, MAX_HEADER):
+    (n,) = struct.unpack("<Q", first)
+    if n > size - 8:
         raise InvalidUpdate(
             f"safetensors header declares {n} bytes but the body has "
-            f"{len(view) - 8} after the length field"
+            f"{size - 8} after the length field"
         )
+    if n > max_header:
+        raise InvalidUpdate(
+            f"safetensors header is {n} bytes; at most {max_header} are accepted here (the "
+            "tensors' entries and a short __metadata__ fit well within that)"
+        )
+    return n
+
+
+_Slot = tuple[np.dtype, tuple[int, ...], int, int]  # dtype, shape, data offsets [begin, end)
+
+
+def _layout(head: bytes, data_size: int) -> tuple[dict[str, _Slot], dict[str, str]]:
+    """The tensors a header declares, checked against a data section of data_size bytes (the
+    offsets must tile it exactly), and its metadata."""
     try:
-        header = json.loads(bytes(view[8 : 8 + n]))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge ints, deep nesting
+        header = json.loads(
+            head, parse_int=_header_int, parse_float=_header_float, parse_constant=_header_float
+        )
+    except InvalidUpdate:
+        raise
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, deep nesting
         raise InvalidUpdate(f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise InvalidUpdate("safetensors header must be a JSON object")
@@ -112,36 +200,52 @@ def tensors_from_safetensors(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise InvalidUpdate("safetensors __metadata__ must map strings to strings")
-    body = view[8 + n :]
-    tensors: dict[str, np.ndarray] = {}
-    spans = []
+    slots: dict[str, _Slot] = {}
     for name, info in header.items():
         dtype, shape, (begin, end) = _tensor_info(name, info)
+        # At most MAX_DIMS integers of at most MAX_DIGITS digits: small arithmetic.
         size = math.prod(shape) * dtype.itemsize
-        if not (0 <= begin <= end <= len(body)) or end - begin != size:
+        if not (0 <= begin <= end <= data_size) or end - begin != size:
             raise InvalidUpdate(
                 f"tensor {name!r}: data_offsets [{begin}, {end}] do not hold "
-                f"{size} bytes of {shape} inside a {len(body)}-byte data section"
+                f"{size} bytes of {shape} inside a {data_size}-byte data section"
             )
-        spans.append((begin, end, name))
-        try:
-            tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
-        except ValueError as exc:  # more than 64 dimensions, or a dimension numpy cannot hold
+        if math.prod(d for d in shape if d) * dtype.itemsize > MAX_BYTES:
             raise InvalidUpdate(
-                f"tensor {name!r}: shape {list(shape)} is unusable: {exc}"
-            ) from None
+                f"tensor {name!r}: shape {list(shape)} is unusable: its non-empty dimensions "
+                f"describe more than {MAX_BYTES} bytes"
+            )
+        slots[name] = (dtype, shape, begin, end)
 
     position = 0
-    for begin, end, name in sorted(spans):
+    for begin, end, name in sorted((b, e, name) for name, (_, _, b, e) in slots.items()):
         if begin != position:
             raise InvalidUpdate(
                 f"tensor {name!r} overlaps another or leaves a gap in the data "
                 "section (offsets must tile it exactly)"
             )
         position = end
-    if position != len(body):
-        raise InvalidUpdate(f"{len(body) - position} trailing bytes after the last tensor")
-    return tensors, metadata
+    if position != data_size:
+        raise InvalidUpdate(f"{data_size - position} trailing bytes after the last tensor")
+    return slots, metadata
+
+
+def _header_int(token: str) -> int:
+    """json's parse_int for headers: a long integer is refused before Python builds it (building
+    and multiplying integers of thousands of digits costs seconds of CPU)."""
+    if len(token) > MAX_DIGITS and len(token.lstrip("-")) > MAX_DIGITS:  # one test per int
+        raise InvalidUpdate(
+            f"safetensors header has an integer of {len(token.lstrip('-'))} digits; shapes and "
+            f"data_offsets have at most {MAX_DIGITS}"
+        )
+    return int(token)
+
+
+def _header_float(token: str) -> float:
+    raise InvalidUpdate(
+        f"safetensors header has the number {token[:24]!r}; the only numbers of a header are "
+        "the integers of shapes and data_offsets"
+    )
 
 
 def _tensor_info(name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
@@ -154,6 +258,10 @@ def _tensor_info(name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], tuple
             f"tensor {name!r}: dtype {info.get('dtype')!r} is not one of {sorted(DTYPES)}"
         )
     shape, offsets = info.get("shape"), info.get("data_offsets")
+    if isinstance(shape, list) and len(shape) > MAX_DIMS:
+        raise InvalidUpdate(
+            f"tensor {name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are accepted"
+        )
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise InvalidUpdate(f"tensor {name!r}: shape must be a list of non-negative integers")
     if not (

@@ -9,10 +9,12 @@ fails to run (or, with --strict, misses a target).
     python load/bench/run.py --report-only   README.md again from the JSON files
 
 Benchmarks: fold_throughput, flower_compare, aggregate_memory, round_latency,
-ingest_throughput, hotspots, transport_compare. flower_compare needs flwr (pip install -e
-'.[bench]'); without it that benchmark is skipped with a note. transport_compare runs the Pub/Sub
-emulator, which Go builds on first use. The platform benchmarks put their stores under
-.microfl/bench/ (the updates of 5,000 clients are 20 GB; each round's are deleted after it)."""
+ingest_throughput, hotspots, transport_compare, header_parse, ingest_memory (with
+MICROFL_BENCH_BASELINE=DIR also against the checkout in DIR). flower_compare needs flwr
+(pip install -e '.[bench]'); without it that benchmark is skipped with a note.
+transport_compare runs the Pub/Sub emulator, which Go builds on first use. The platform
+benchmarks put their stores under .microfl/bench/ (the updates of 5,000 clients are 20 GB;
+each round's are deleted after it)."""
 
 from __future__ import annotations
 
@@ -39,9 +41,11 @@ BENCHMARKS = (
     "ingest_throughput",
     "hotspots",
     "transport_compare",
+    "header_parse",
+    "ingest_memory",
 )
 # They need a Kafka broker.
-PLATFORM = {"round_latency", "ingest_throughput", "hotspots", "transport_compare"}
+PLATFORM = {"round_latency", "ingest_throughput", "hotspots", "transport_compare", "ingest_memory"}
 
 
 def main(argv: list[str] | None = None) -> int:
