@@ -13,10 +13,10 @@ $(BIN)/.installed: pyproject.toml
 	  { echo "Micro-FL's local Kafka needs Java 17+ and Maven (apt-get install openjdk-17-jre-headless maven)"; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "Micro-FL needs Python 3.11+ (set PYTHON=python3.11)"; exit 1; }
-	@echo "==> creating $(VENV) and installing microfl with its dev tools and the torch client (large on a first install)"
+	@echo "==> creating $(VENV) and installing microfl with its dev tools, the local platform and the torch client (large on a first install)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,client,infra]'
+	$(BIN)/pip install -q -e '.[dev,client,infra,local]'
 	@touch $@
 
 setup: $(BIN)/.installed
@@ -30,10 +30,12 @@ demo:
 test: setup infra-tools
 	$(BIN)/pytest
 
+# lint-imports: the layers of pyproject.toml's [tool.importlinter] on this checkout's package.
 lint: $(BIN)/.installed
 	$(BIN)/ruff check functions tests load
 	$(BIN)/ruff format --check functions load
 	$(BIN)/mypy
+	PYTHONPATH=functions $(BIN)/lint-imports --no-cache --no-logo
 
 check: lint test
 

@@ -81,13 +81,6 @@ def _local_state() -> dict[str, Any]:
     return read_state() or {}
 
 
-def _local_secret() -> str | None:
-    from microfl.local.platform import state_dir
-
-    path = state_dir() / "secret"
-    return path.read_text().strip() if path.is_file() else None
-
-
 # --- who the simulated clients are --------------------------------------------------------------
 
 
@@ -103,7 +96,9 @@ class Credentials:
         if token_file:
             self.tokens = [t for t in Path(token_file).read_text().split() if t]
         else:
-            secret = os.environ.get("MICROFL_SECRET") or _local_secret()
+            from microfl.local.platform import saved_secret
+
+            secret = saved_secret()
             if not secret:
                 raise SystemExit(
                     "no credentials: set MICROFL_SECRET (the platform's token key) or "

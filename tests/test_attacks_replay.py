@@ -293,7 +293,7 @@ def cli(
     if failpoints:
         env["MICROFL_FAILPOINTS"] = failpoints
     return subprocess.run(
-        [sys.executable, "-m", "microfl.cli", "job", "create", *args],
+        [sys.executable, "-m", "microfl.local.cli", "job", "create", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -23,7 +23,6 @@ import pytest
 import requests
 
 from fl import SECRET, auth, fedavg, new_job, update_bytes
-from microfl import cli
 from microfl.errors import ConfigError, SchemaMismatch
 from microfl.jobs import (
     DEFAULT_MAX_EXAMPLES,
@@ -39,6 +38,7 @@ from microfl.jobs import (
     update_key,
     validate_update,
 )
+from microfl.local import cli
 from microfl.local.runtime import LocalRuntime
 from microfl.serde import json_to_bytes, tensors_from_safetensors, tensors_to_safetensors
 from microfl.store import FileStore

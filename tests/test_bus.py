@@ -19,9 +19,9 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from google.cloud import pubsub_v1
 
 from microfl import events
-from microfl.bus import EventBus, KafkaBus, MemoryBus, PubSubBus, ensure_topics
+from microfl.bus import EventBus, KafkaBus, MemoryBus, PubSubBus
 from microfl.errors import BusUnavailable
-from microfl.local.kafka import KafkaCluster
+from microfl.local.kafka import KafkaCluster, ensure_topics
 from microfl.local.procs import HOST, free_port
 from microfl.local.pubsub import PubSubEmulator, emulator_env
 from microfl.serde import Event, KafkaRecord, event_from_http, event_from_kafka

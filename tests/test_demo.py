@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from microfl.demo import DemoConfig, run
+from microfl.local.demo import DemoConfig, run
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from microfl import events
+from microfl.local.manifests import load_documents
 from microfl.local.procs import HOST, free_port, stop_process, wait_until
-from microfl.manifests import load_documents
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "functions" / "Dockerfile"

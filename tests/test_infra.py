@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from microfl.events import TOPICS
-from microfl.manifests import (
+from microfl.local.manifests import (
     check_documents,
     load_documents,
     load_platform,

@@ -16,7 +16,7 @@ import pytest
 from microfl.errors import ConfigError
 from microfl.events import PARTIAL_READY, PARTIAL_REQUESTED, TOPICS, UPDATE_ACCEPTED
 from microfl.local.dispatcher import Delivery
-from microfl.manifests import (
+from microfl.local.manifests import (
     PingSpec,
     ServiceSpec,
     check_directory,
@@ -300,7 +300,9 @@ def test_unreadable_yaml(tmp_path: Path) -> None:
 
 def test_module_entry_point(tmp_path: Path) -> None:
     ok = subprocess.run(
-        [sys.executable, "-m", "microfl.manifests", str(KNATIVE)], capture_output=True, text=True
+        [sys.executable, "-m", "microfl.local.manifests", str(KNATIVE)],
+        capture_output=True,
+        text=True,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "manifests OK" in ok.stdout
@@ -308,7 +310,9 @@ def test_module_entry_point(tmp_path: Path) -> None:
     ping = directory / "ping.yaml"
     ping.write_text(ping.read_text().replace('"* * * * *"', '"every minute"'))
     bad = subprocess.run(
-        [sys.executable, "-m", "microfl.manifests", str(directory)], capture_output=True, text=True
+        [sys.executable, "-m", "microfl.local.manifests", str(directory)],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 1
     assert "PingSource microfl-deadlines: spec.schedule 'every minute'" in bad.stdout

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from microfl.errors import BusUnavailable
-from microfl.events import TOPICS, topic_of
+from microfl.events import topic_of
 from microfl.serde import Event, event_to_http, event_to_kafka
 
-__all__ = ["EventBus", "KafkaBus", "MemoryBus", "PubSubBus", "ensure_topics"]
+__all__ = ["EventBus", "KafkaBus", "MemoryBus", "PubSubBus"]
 
 
 class EventBus(ABC):
@@ -135,29 +135,3 @@ class MemoryBus(EventBus):
 
     def publish(self, events: Sequence[Event], key: str) -> None:
         self.events.extend((topic_of(e), e, key) for e in events)
-
-
-def ensure_topics(bootstrap: str, partitions: int = 3, replication: int = 1) -> None:
-    """Create the platform's topics (and dead-letter topics) if they are missing."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
-        "logger": logging.getLogger("microfl.bus"),
-    }
-    admin = AdminClient(config)
-    names = sorted(set(TOPICS.values()))
-    names += [f"{n}.dlq" for n in names]
-    existing = set(admin.list_topics(timeout=15).topics)
-    new = [
-        NewTopic(n, num_partitions=partitions, replication_factor=replication)
-        for n in names
-        if n not in existing
-    ]
-    if new:
-        for name, future in admin.create_topics(new).items():
-            try:
-                future.result(30)
-            except Exception as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise BusUnavailable(f"cannot create topic {name}: {exc}") from exc

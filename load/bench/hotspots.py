@@ -139,7 +139,8 @@ def ingest_profile(workdir: Path, bootstrap: str, quick: bool) -> dict[str, Any]
 
     from microfl import ingest
     from microfl.backends import Backends
-    from microfl.bus import KafkaBus, ensure_topics
+    from microfl.bus import KafkaBus
+    from microfl.local.kafka import ensure_topics
     from microfl.tokens import issue_token
 
     ensure_topics(bootstrap)

@@ -24,7 +24,6 @@ import numpy as np
 
 from microfl import events
 from microfl.client import Client, ClientError
-from microfl.invariants import check_job
 from microfl.jobs import (
     JobSpec,
     create_job,
@@ -37,6 +36,7 @@ from microfl.jobs import (
 )
 from microfl.local import attacks
 from microfl.local.gcs import FakeGcsServer
+from microfl.local.invariants import check_job
 from microfl.local.kafka import KafkaCluster
 from microfl.local.proxies import EventChaosProxy, SlowTcpProxy
 from microfl.local.runtime import LocalRuntime

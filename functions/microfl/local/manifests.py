@@ -1,7 +1,7 @@
 """The check of knative/ and the Platform the local runtime reads from it. Generic validators
 accept any field of a kind they have no schema for; this knows ours. For people and CI:
 
-    python -m microfl.manifests knative/    # prints the problems; exit status 1 if any
+    python -m microfl.local.manifests knative/    # prints the problems; exit status 1 if any
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import signal
 
-    from microfl.local.platform import LocalPlatform, detach
+    from microfl.local.platform import LocalPlatform, detach, local_secret
 
     t0 = time.monotonic()
     if args.detach:
@@ -116,23 +116,6 @@ def _store():  # type: ignore[no-untyped-def]
     return open_store(url or f"file://{state_dir() / 'store'}")
 
 
-def local_secret() -> str:
-    """MICROFL_SECRET, or the local platform's own (made once, kept in its state folder)."""
-    import os
-    import secrets
-
-    from microfl.local.platform import state_dir
-
-    if os.environ.get("MICROFL_SECRET"):
-        return os.environ["MICROFL_SECRET"]
-    path = state_dir() / "secret"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
-
-
 def cmd_job_create(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -168,6 +151,7 @@ def cmd_job_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
+    from microfl.local.platform import local_secret
     from microfl.tokens import check_secret, issue_token, max_ttl_from_env
 
     if args.admin == (args.client is not None):
@@ -253,7 +237,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from microfl.demo import run_demo
+    from microfl.local.demo import run_demo
 
     return run_demo(args)
 
@@ -349,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser("demo", help="run a real federated training run on the local platform")
-    from microfl.demo import add_arguments
+    from microfl.local.demo import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_demo)
@@ -357,9 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
+    except ModuleNotFoundError as exc:  # the script comes with the core package, the rest does not
+        print(
+            f"microfl: {exc}: the command needs the `local` extra (pip install 'microfl[local]'; "
+            "the demo also needs `client`)",
+            file=sys.stderr,
+        )
+        return 1
     except (MicroFLError, RuntimeError, TimeoutError, OSError, ValueError) as exc:
         print(f"microfl: {exc}", file=sys.stderr)
         return 1

@@ -89,8 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run(config: DemoConfig) -> DemoResult:
-    from microfl.cli import local_secret
-    from microfl.local.platform import LocalPlatform, read_state
+    from microfl.local.platform import LocalPlatform, local_secret, read_state
 
     secret = local_secret()
     platform = None
@@ -138,8 +137,8 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
         tensors_from_module,
         train_local,
     )
-    from microfl.demo_data import digits_shards, plot_accuracy
     from microfl.jobs import JobSpec, create_job
+    from microfl.local.demo_data import digits_shards, plot_accuracy
     from microfl.serde import tensors_to_safetensors
     from microfl.store import open_store
     from microfl.tokens import issue_token
@@ -291,7 +290,7 @@ _SHARDS: list[Any] = []
 def _init_worker(clients: int, alpha: float, seed: int) -> None:
     import torch
 
-    from microfl.demo_data import digits_shards
+    from microfl.local.demo_data import digits_shards
 
     torch.set_num_threads(1)
     _SHARDS[:] = digits_shards(clients, alpha, seed)[0]
