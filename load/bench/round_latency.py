@@ -142,6 +142,7 @@ def _round(
 
     from microfl.jobs import JobSpec, create_job, model_key, partials_prefix, record_key, seal_key
     from microfl.local import runtime as runtime_module
+    from microfl.local.reference import TOLERANCE, fedavg_error
     from microfl.serde import json_from_bytes, tensors_from_safetensors, tensors_to_safetensors
     from microfl.store import FileStore
 
@@ -204,11 +205,7 @@ def _round(
             os.stat(root / key).st_mtime for key in store.list(partials_prefix(job, 1))
         )
         model, _ = tensors_from_safetensors(store.read(model_key(job, 1)) or b"")
-        exact = synth.Updates(base, n, 1).fedavg()
-        error = max(
-            float(abs(model[k].astype("float64") - exact[k]).max() / abs(exact[k]).max())
-            for k in exact
-        )
+        error = fedavg_error(model, synth.Updates(base, n, 1).fedavg())
     finally:
         runtime.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -251,7 +248,7 @@ def _round(
         f"+{row['latency']['to_seal']:.2f} s); peak MiB {row['peak_mib']}; Kafka "
         f"{traffic['records']} records, {traffic['bytes'] / 1e3:.0f} kB; error {error:.1e}",
     )
-    if row["included"] != n or error > 1e-6:
+    if row["included"] != n or error > TOLERANCE:
         raise RuntimeError(f"N={n}: the round included {row['included']} updates, error {error}")
     return row
 

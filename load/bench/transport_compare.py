@@ -148,6 +148,7 @@ def _round(
 
     from microfl.jobs import model_key, partials_prefix, record_key, seal_key
     from microfl.local import pubsub
+    from microfl.local.reference import TOLERANCE, fedavg_error
     from microfl.local.runtime import LocalRuntime
     from microfl.serde import json_from_bytes, tensors_from_safetensors
     from microfl.store import FileStore
@@ -197,11 +198,7 @@ def _round(
             os.stat(root / key).st_mtime for key in store.list(partials_prefix(job, 1))
         )
         model, _ = tensors_from_safetensors(store.read(model_key(job, 1)) or b"")
-        exact = synth.Updates(synth.model(PARAMS, 0), n, 1).fedavg()
-        error = max(
-            float(abs(model[k].astype("float64") - exact[k]).max() / abs(exact[k]).max())
-            for k in exact
-        )
+        error = fedavg_error(model, synth.Updates(synth.model(PARAMS, 0), n, 1).fedavg())
     finally:
         runtime.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -233,7 +230,7 @@ def _round(
         f"{tag}: latency {row['latency']['total']:.2f} s after the last 202 (seal "
         f"+{row['latency']['to_seal']:.2f} s); error {error:.1e}",
     )
-    if row["included"] != n or error > 1e-6:
+    if row["included"] != n or error > TOLERANCE:
         raise RuntimeError(f"{tag}: the round included {row['included']} of {n}, error {error}")
     return row
 

@@ -17,7 +17,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,13 +37,13 @@ from microfl.jobs import (
     update_key,
     updates_prefix,
 )
+from microfl.local.reference import TOLERANCE, fedavg, fedavg_error
 from microfl.serde import json_from_bytes, tensors_to_safetensors
 from microfl.store import FileStore
 
 ROUND = 1
 MODEL = {"dense.weight": (1000, 1000), "dense.bias": (1000,)}  # 1,001,000 float32 parameters
 NOISE = np.float32(0.01)  # each client's model: the global model plus its own noise
-MAX_RELATIVE_ERROR = 1e-6
 
 
 def _status_mib(field: str) -> float | None:
@@ -135,36 +135,32 @@ def finalize(root: str, job: str) -> dict[str, Any]:
 
 
 def verify(root: str, job: str) -> dict[str, Any]:
-    """Model 1 against a float64 numpy FedAvg of the stored updates, read with the safetensors
-    package rather than microfl's own parser."""
+    """Model 1 against the exact FedAvg (microfl.local.reference) of the stored updates, read
+    with the safetensors package rather than microfl's own parser."""
     from safetensors.numpy import load
 
     store = FileStore(root)
-    total: dict[str, np.ndarray] = {}
-    weight = 0
     keys = store.list(updates_prefix(job, ROUND))
-    for key in keys:
-        data = store.read(key)
-        assert data is not None
-        n = _num_examples(data)
-        for name, arr in load(data).items():
-            total[name] = total.get(name, 0) + n * arr.astype(np.float64)
-        weight += n
+    weight = 0
+
+    def updates() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        nonlocal weight
+        for key in keys:
+            data = store.read(key)
+            assert data is not None
+            n = _num_examples(data)
+            weight += n
+            yield load(data), n
+
+    exact = fedavg(updates())
     model_bytes = store.read(model_key(job, ROUND))
     record_bytes = store.read(record_key(job, ROUND))
     assert model_bytes is not None and record_bytes is not None, "finalize wrote neither"
-    model = load(model_bytes)
-    error = 0.0
-    for name, arr in total.items():
-        expected = arr / weight
-        got = model[name].astype(np.float64)
-        error = max(
-            error, float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-30)))
-        )
+    error = fedavg_error(load(model_bytes), exact)
     record = json_from_bytes(record_bytes)
     problems = []
-    if error > MAX_RELATIVE_ERROR:
-        problems.append(f"model 1 differs from the numpy FedAvg by {error:.2e} (relative)")
+    if error > TOLERANCE:
+        problems.append(f"model 1 is {error:.2e} of the largest weight from the exact FedAvg")
     if len(record["included"]) != len(keys) or record["num_examples"] != weight:
         problems.append(
             f"the round record includes {len(record['included'])} updates and "
