@@ -21,7 +21,6 @@ flwr is not a runtime dependency: `pip install -e '.[bench]'`."""
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run", "targets"]
 
@@ -233,12 +233,9 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
                 + ("(met)" if ratio["work"] >= t["memory"] else "(MISSED)")
                 + "."
             )
-    mode = "quick (`--quick`)" if result["quick"] else "full"
     lines += [
         "",
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
-        f"{machine['memory_total_mib']:,} MiB RAM, load average at start "
-        f"{machine.get('loadavg', ['?'])[0]}.",
+        report.run_line(result, machine),
     ]
     return "\n".join(lines)
 
@@ -389,20 +386,5 @@ def verify(root: Path) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["generate", "microfl", "flower", "verify"])
-    parser.add_argument("root", type=Path)
-    parser.add_argument("arg", nargs="?")
-    args = parser.parse_args(argv)
-    if args.step == "generate":
-        result = generate(args.root, int(args.arg))
-    elif args.step == "flower":
-        result = flower(args.root, args.arg)
-    else:
-        result = {"microfl": microfl, "verify": verify}[args.step](args.root)
-    procstat.emit(result)
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(generate, microfl, flower, verify)

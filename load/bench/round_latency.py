@@ -19,7 +19,6 @@ cold-start after the seal, inside the latency. Each N's store is deleted before 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run", "targets"]
 
@@ -404,12 +404,9 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
                 f"- {role} peak RSS at {last:,} over {first:,} clients: {ratio:.2f}x "
                 f"(target <= {t['flat_ratio']}x: {verdict})."
             )
-    mode = "quick (`--quick`)" if result["quick"] else "full"
     lines += [
         "",
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
-        f"{machine['memory_total_mib']:,} MiB RAM, load average at start "
-        f"{machine.get('loadavg', ['?'])[0]}.",
+        report.run_line(result, machine),
     ]
     return "\n".join(lines)
 
@@ -423,16 +420,5 @@ def _f(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["host"])
-    parser.add_argument("workdir", type=Path)
-    parser.add_argument("plan", help='JSON: [{"clients": N, "variant": "as is"|"patched"}]')
-    parser.add_argument("fan_in", type=int)
-    parser.add_argument("threads", type=int)
-    args = parser.parse_args(argv)
-    procstat.emit(host(args.workdir, json.loads(args.plan), args.fan_in, args.threads))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(host)

@@ -12,7 +12,6 @@ as a cross-check."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import procstat
 
 from microfl.aggregate import compute_partial
 from microfl.backends import Backends
@@ -46,18 +46,6 @@ MODEL = {"dense.weight": (1000, 1000), "dense.bias": (1000,)}  # 1,001,000 float
 NOISE = np.float32(0.01)  # each client's model: the global model plus its own noise
 
 
-def _status_mib(field: str) -> float | None:
-    """A VmRSS/VmHWM line of /proc/self/status in MiB (None off Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _peak_mib() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
@@ -65,7 +53,7 @@ def _peak_mib() -> float:
 
 def _measured(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run work after the imports; its wall time, the RSS before it and the peak RSS after."""
-    baseline = _status_mib("VmRSS") or _peak_mib()
+    baseline = procstat.status_mib("VmRSS") or _peak_mib()
     start = time.perf_counter()
     info = work()
     seconds = time.perf_counter() - start
@@ -75,12 +63,14 @@ def _measured(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         "baseline_mib": baseline,
         "peak_mib": peak,
         "work_mib": peak - baseline,
-        "vm_hwm_mib": _status_mib("VmHWM"),
+        "vm_hwm_mib": procstat.status_mib("VmHWM"),
         "seconds": seconds,
     }
 
 
-def generate(root: str, job: str, clients: int, fan_in: int, seed: int) -> dict[str, Any]:
+def generate(
+    root: str, job: str, clients: int = 10, fan_in: int = 10, seed: int = 0
+) -> dict[str, Any]:
     store = FileStore(root)
     rng = np.random.default_rng(seed)
     model = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in MODEL.items()}
@@ -177,23 +167,5 @@ def _num_examples(data: bytes) -> int:
     return int(header["__metadata__"]["num_examples"])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["generate", "aggregate", "finalize", "verify"])
-    parser.add_argument("root")
-    parser.add_argument("job")
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--fan-in", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.step == "generate":
-        result = generate(args.root, args.job, args.clients, args.fan_in, args.seed)
-    else:
-        result = {"aggregate": aggregate, "finalize": finalize, "verify": verify}[args.step](
-            args.root, args.job
-        )
-    print(json.dumps(result))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(generate, aggregate, finalize, verify)
