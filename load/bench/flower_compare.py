@@ -233,10 +233,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
                 + ("(met)" if ratio["work"] >= t["memory"] else "(MISSED)")
                 + "."
             )
-    lines += [
-        "",
-        report.run_line(result, machine),
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 

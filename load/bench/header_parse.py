@@ -187,10 +187,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         lines.append(f"| {row['header']} | " + " | ".join(cells) + " |")
     lines += ["", "Answers (tests' model):", ""]
     lines += [f"- {row['header']}: {row['answer']}" for row in runs[0]["rows"]]
-    lines += [
-        "",
-        report.run_line(result, machine),
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 

@@ -254,10 +254,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"| {r['baseline_mib']:.0f} | {r['worker_peak_mib']:.0f} | {r['seconds']:.0f} "
             f"| {r['p50_s']:.1f} | {r['max_s']:.1f} | {r['worker_cpu_s']:.1f} |"
         )
-    lines += [
-        "",
-        report.run_line(result, machine),
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 

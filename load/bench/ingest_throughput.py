@@ -167,10 +167,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"| {cpu.get('runtime host (proxies, dispatchers)', 0):.1f} "
             f"| {cpu.get('kafka', 0):.1f} | {p.get('cpu_s') or 0:.1f} |"
         )
-    lines += [
-        "",
-        report.run_line(result, machine),
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 

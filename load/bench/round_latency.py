@@ -404,10 +404,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
                 f"- {role} peak RSS at {last:,} over {first:,} clients: {ratio:.2f}x "
                 f"(target <= {t['flat_ratio']}x: {verdict})."
             )
-    lines += [
-        "",
-        report.run_line(result, machine),
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 
