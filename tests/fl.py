@@ -1,19 +1,22 @@
-"""Helpers shared by the data-plane tests: models, updates, jobs, tokens, an independent FedAvg."""
+"""Helpers shared by the data-plane tests: models, updates, jobs, tokens, the FedAvg check."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import requests
 
 from microfl.jobs import JobSpec, create_job, load_job, model_key, update_key
+from microfl.local.reference import fedavg, fedavg_mismatch
 from microfl.serde import tensors_to_safetensors
 from microfl.store import FileStore, ObjectStore
 from microfl.tokens import issue_token
+
+Update = tuple[dict[str, np.ndarray], int]
 
 SECRET = "test-secret-0123456789abcdef-0123456789"
 
@@ -64,10 +67,17 @@ def auth(job: str, client: str | None = None, **kw: object) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def fedavg(updates: dict[str, tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-    total = sum(n for _, n in updates.values())
-    names = next(iter(updates.values()))[0].keys()
-    return {k: sum(t[k].astype(np.float64) * n for t, n in updates.values()) / total for k in names}
+def assert_fedavg(
+    model: dict[str, np.ndarray],
+    updates: Mapping[str, Update] | Iterable[Update],
+) -> None:
+    """model is the FedAvg of updates ({client: (tensors, num_examples)} or the pairs alone)
+    within DESIGN invariant 7's tolerance, in the updates' dtypes."""
+    pairs = list(updates.values() if isinstance(updates, Mapping) else updates)
+    like = pairs[0][0]
+    assert {k: a.dtype for k, a in model.items()} == {k: a.dtype for k, a in like.items()}
+    problem = fedavg_mismatch(model, fedavg(pairs))
+    assert problem is None, problem
 
 
 def healthy_run(store: ObjectStore, job: str, r: int = 1) -> None:

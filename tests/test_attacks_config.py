@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import requests
 
-from hostile_payloads import raw_request, sign
+from hostile_payloads import sign
 from microfl.backends import backends_from_env, check_env
 from microfl.errors import ConfigError, Unauthorized
 from microfl.jobs import JobSpec, create_job, revoked_key, update_key
@@ -36,6 +36,7 @@ from microfl.pushauth import PushAuth
 from microfl.serde import tensors_to_safetensors
 from microfl.store import FileStore
 from microfl.tokens import issue_token, key_id, secret_from_env, verify_token
+from raw_http import raw_request
 from test_pushauth import AUDIENCE, INVOKER, keypair, token
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 
-from fl import SECRET, auth, fedavg, new_job, update_bytes
+from fl import SECRET, assert_fedavg, auth, new_job, update_bytes
 from microfl.errors import ConfigError, SchemaMismatch
 from microfl.jobs import (
     DEFAULT_MAX_EXAMPLES,
@@ -39,6 +39,7 @@ from microfl.jobs import (
     validate_update,
 )
 from microfl.local import cli
+from microfl.local.reference import fedavg
 from microfl.local.runtime import LocalRuntime
 from microfl.serde import json_to_bytes, tensors_from_safetensors, tensors_to_safetensors
 from microfl.store import FileStore
@@ -51,7 +52,6 @@ from test_rounds_inprocess import (  # the in-process harness and its fixtures
     client_updates,
     initial_model,
     reset_backends,  # noqa: F401
-    weighted_mean,
 )
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -141,8 +141,7 @@ def test_float64_sum_overflow_is_refused_and_the_job_goes_on(
         assert record["included"] == ["alice", "bob", "carol"] and record["excluded"] == []
         current = tensors_from_safetensors(store.read(model_key(job, r)) or b"")[0]
         assert all_finite(current)
-        for name, want in fedavg(updates).items():
-            np.testing.assert_allclose(current[name], want, rtol=1e-9, atol=1e-12, err_msg=name)
+        assert_fedavg(current, updates)
 
 
 def test_num_examples_above_the_job_limit_is_refused_with_422(
@@ -262,8 +261,7 @@ def test_poisoned_stored_update_is_excluded_by_aggregate(
     assert excluded["client"] == "m" and "magnitude above 1e+150" in excluded["reason"]
     got = p.model(1)
     assert all_finite(got)
-    for name, want in fedavg(updates).items():
-        np.testing.assert_allclose(got[name], want, rtol=1e-9, atol=1e-12)
+    assert_fedavg(got, updates)
 
 
 def test_non_finite_aggregate_keeps_the_previous_model_and_the_job_goes_on(
@@ -302,8 +300,7 @@ def test_non_finite_aggregate_keeps_the_previous_model_and_the_job_goes_on(
     p.drain()
     record2 = p.record(2)
     assert record2 is not None and record2["included"] == ["a", "b"]
-    for name, want in fedavg(updates2).items():
-        np.testing.assert_allclose(p.model(2)[name], want, rtol=1e-9, atol=1e-12)
+    assert_fedavg(p.model(2), updates2)
     assert p.get("")["state"] == "done"
 
 
@@ -366,7 +363,7 @@ def test_fedadam_round_without_usable_updates_carries_the_optimiser_state(
     current = {k: a.copy() for k, a in model.items()}
 
     def reference(updates: dict) -> dict[str, np.ndarray]:  # Reddi et al. 2021, float64
-        mean = weighted_mean(list(updates.values()))
+        mean = fedavg(updates.values())
         out = {}
         for k, x in current.items():
             if x.dtype.kind != "f":

@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 import torch
 
-from fl import SECRET, fedavg, new_job
+from fl import SECRET, assert_fedavg, new_job
 from microfl.client import Client
 from microfl.client.torch import (
     StaleModel,
@@ -188,9 +188,7 @@ def test_numpy_clients_commit_the_fedavg_of_their_updates(
     clients[first].wait_for_version(1, timeout=60)
     committed, version = clients[first].model()
     assert version == 1
-    for name, want in fedavg(updates).items():
-        assert committed[name].dtype == model[name].dtype
-        np.testing.assert_allclose(committed[name], want, rtol=1e-6, err_msg=name)
+    assert_fedavg(committed, updates)
     assert clients[first].round(1)["included"] == sorted(updates)
 
 

@@ -17,7 +17,7 @@ import requests
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from fl import SECRET, auth, fedavg, make_model, make_updates, new_job, update_bytes
+from fl import SECRET, assert_fedavg, auth, make_model, make_updates, new_job, update_bytes
 from microfl.jobs import model_key, record_key, updates_prefix
 from microfl.local.runtime import LocalRuntime
 from microfl.serde import json_from_bytes, tensors_from_safetensors, tensors_to_safetensors
@@ -70,10 +70,7 @@ def test_fifty_clients_commit_the_fedavg_model(runtime: LocalRuntime, gcs_store:
 
     runtime.wait_committed(gcs_store, job, 1)
     committed, _ = tensors_from_safetensors(gcs_store.read(model_key(job, 1)) or b"")
-    expected = fedavg(updates)
-    for name, want in expected.items():
-        got = committed[name].astype(np.float64)
-        assert np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want)), name
+    assert_fedavg(committed, updates)
 
     record = json_from_bytes(gcs_store.read(record_key(job, 1)) or b"")
     assert record["included"] == sorted(updates)
@@ -158,8 +155,7 @@ def test_every_upload_error_row_is_answered_and_stores_nothing(
     record = json_from_bytes(gcs_store.read(record_key(job, 1)) or b"")
     assert record["included"] == sorted(good)
     committed, _ = tensors_from_safetensors(gcs_store.read(model_key(job, 1)) or b"")
-    for name, want in fedavg(good).items():
-        assert np.allclose(committed[name], want, rtol=1e-6, atol=1e-6)
+    assert_fedavg(committed, good)
 
 
 def test_logs_of_the_run_are_in_one_folder(runtime: LocalRuntime) -> None:

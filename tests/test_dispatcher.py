@@ -13,10 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from fl import eventually
+from kafka_topics import consume
 from microfl.local.dispatcher import Delivery, Dispatcher, KafkaSource, parse_duration
 
 WAIT = 20.0  # seconds any single expectation may take
@@ -114,29 +115,6 @@ def produce(bootstrap: str, topic: str, records: list[Record]) -> None:
     assert producer.flush(30) == 0
 
 
-def consume(bootstrap: str, topic: str, expected: int) -> list[Any]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": uuid.uuid4().hex,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    found: list[Any] = []
-    deadline = time.monotonic() + WAIT
-    while len(found) < expected and time.monotonic() < deadline:
-        for msg in consumer.consume(10, timeout=0.5):
-            err = msg.error()
-            if err is None:
-                found.append(msg)
-            elif err.code() != KafkaError._PARTITION_EOF:
-                raise AssertionError(err)
-    consumer.close()
-    return found
-
-
 def source(bootstrap: str, topic: str, sink: Sink, **kwargs: Any) -> KafkaSource:
     delivery = kwargs.pop("delivery", Delivery(retry=3, backoff_delay=0.05, timeout=5))
     return KafkaSource(
@@ -173,7 +151,7 @@ def test_400_is_dead_lettered_at_once_with_the_error_headers(kafka: Any, make_si
         eventually(lambda: dispatcher.counters.dead_lettered == 1, "dead-lettering")
     assert len(sink.requests) == 1
     assert (dispatcher.counters.retried, dispatcher.counters.delivered) == (0, 0)
-    [record] = consume(kafka.bootstrap, dlq, 1)
+    [record] = consume(kafka.bootstrap, dlq, 1, WAIT)
     assert (record.key(), record.value()) == (b"key-1", b'{"x": 1}')
     headers = dict(record.headers())
     assert headers["trace"] == b"t-1"
@@ -202,7 +180,7 @@ def test_exhausted_retries_dead_letter_and_commit_the_offset(kafka: Any, make_si
     with Dispatcher(first) as dispatcher:
         eventually(lambda: dispatcher.counters.dead_lettered == 1, "dead-lettering")
     assert len(sink.requests) == 3 and dispatcher.counters.retried == 2
-    [record] = consume(kafka.bootstrap, dlq, 1)
+    [record] = consume(kafka.bootstrap, dlq, 1, WAIT)
     assert record.value() == b"doomed"
     assert dict(record.headers())["kne-dispatcher-error-code"] == b"500"
 

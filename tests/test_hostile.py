@@ -1,6 +1,6 @@
 """Hostile input against a real ingest process (DESIGN.md invariants 5 and 6, shared/API.md):
-fuzzed uploads, the OpenAPI contract under schemathesis, token tampering and replay, path
-traversal in ids, and payloads that declare more data than they carry.
+fuzzed uploads, the OpenAPI contract under schemathesis, token tampering and replay. Path
+traversal in ids and payloads that declare more than they carry: test_hostile_ids.py.
 
 What must hold for all of it: every answer is a 4xx with a JSON error body (never a 5xx, never a
 dropped connection), nothing rejected is stored, nothing is written outside the store's root, the
@@ -14,17 +14,9 @@ than the proxy in front of it."""
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import struct
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-from urllib.parse import unquote_to_bytes
 
-import psutil
 import pytest
 import requests
 import schemathesis
@@ -37,103 +29,25 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from fl import SECRET, auth, new_job
-from hostile_payloads import (
-    FAMILIES,
-    MAX_U64,
-    Family,
-    NoAnswer,
-    entry,
-    model,
-    raw_request,
-    safetensors_file,
-    sign,
-    valid_update,
+from fl import SECRET, auth
+from hostile_ingest import (
+    FUZZ_HEALTH,
+    MIB,
+    OPENAPI,
+    Ingest,
+    assert_alive,
+    assert_nothing_outside_the_store,
+    assert_refused,
+    declaring,
+    start_ingest,
+    with_examples,
 )
+from hostile_payloads import FAMILIES, MAX_U64, Family, sign, valid_update
 from microfl.jobs import update_key, updates_prefix
-from microfl.local.runtime import LocalRuntime
-from microfl.serde import tensors_to_safetensors
-from microfl.store import FileStore
 from microfl.tokens import issue_token, valid_id
+from raw_http import raw_request
 
-OPENAPI = Path(__file__).resolve().parents[1] / "functions" / "openapi.yaml"
-ERRORS_OF = {
-    400: {"invalid_update", "bad_request"},
-    413: {"update_too_large"},
-    422: {"schema_mismatch"},
-}
-TEN_GB = 10 * 2**30
-MIB = 2**20
-FUZZ_HEALTH = [
-    HealthCheck.too_slow,
-    HealthCheck.data_too_large,
-    HealthCheck.large_base_example,
-    HealthCheck.filter_too_much,
-]
-
-
-@dataclass
-class Ingest:
-    runtime: LocalRuntime
-    store: FileStore
-    sandbox: Path
-    url: str
-    instance_url: str
-    pids: dict[int, list[int]]
-    jobs: list[str] = field(default_factory=list)
-
-    def new_job(self) -> str:
-        job = new_job(self.store, model(), rounds=3, min_clients=10**6, round_timeout=3600.0)
-        self.jobs.append(job)
-        return job
-
-    def updates(self, job: str) -> str:
-        return f"{self.url}/v1/jobs/{job}/rounds/1/updates"
-
-
-def processes(runtime: LocalRuntime) -> dict[int, list[int]]:
-    """Each ingest instance's pid (the gunicorn master) -> its worker pids."""
-    return {
-        fn.proc.pid: sorted(c.pid for c in psutil.Process(fn.proc.pid).children(recursive=True))
-        for fn in runtime.services["ingest"].processes()
-        if fn.proc is not None
-    }
-
-
-@pytest.fixture(scope="module")
-def ingest(kafka: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingest]:
-    sandbox = tmp_path_factory.mktemp("sandbox")
-    store = FileStore(sandbox / "store")
-    with LocalRuntime(
-        store.url,
-        kafka.bootstrap,  # type: ignore[attr-defined]
-        SECRET,
-        tmp_path_factory.mktemp("runtime"),
-        idle_window=3600,  # no scale to zero mid-module: the pids must stay the same
-    ) as rt:
-        assert requests.get(f"{rt.ingest_url}/healthz", timeout=60).status_code == 200
-        (instance,) = rt.services["ingest"].processes()
-        yield Ingest(rt, store, sandbox, rt.ingest_url, instance.url, processes(rt))
-
-
-def assert_alive(ingest: Ingest) -> None:
-    assert processes(ingest.runtime) == ingest.pids, "an ingest instance or worker was replaced"
-    assert requests.get(f"{ingest.url}/healthz", timeout=10).status_code == 200
-
-
-def assert_refused(status: int, body: bytes, codes: frozenset[str] | set[str]) -> None:
-    """A 4xx from {400, 413, 422} with a JSON {"error", "message"} whose code fits the status."""
-    assert status in ERRORS_OF, f"answered {status}: {body[:300]!r}"
-    doc = json.loads(body)
-    assert isinstance(doc, dict) and isinstance(doc.get("message"), str) and doc["message"], doc
-    assert doc.get("error") in ERRORS_OF[status] & set(codes), doc
-
-
-def vm(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+ingest = pytest.fixture(scope="module")(start_ingest)
 
 
 # --- 1. fuzzed uploads over real HTTP ----------------------------------------------------------
@@ -172,28 +86,13 @@ def test_fuzzed_uploads_are_refused_with_a_json_4xx_and_stored_nowhere(
     assert_alive(ingest)
 
 
-# Uploads that crashed ingest with an unmapped ValueError (500 "internal", which also tells the
-# client to retry the same poison forever), and headers that declare far more than the body holds.
-def _with_examples(n: str) -> bytes:
-    return tensors_to_safetensors(model(), {"num_examples": n})
-
-
-def _declaring(shape: list[int], code: str = "F32", data: bytes = b"") -> bytes:
-    size = 1
-    for d in shape:
-        size *= d
-    size *= {"F32": 4, "U8": 1}[code]
-    header = {"__metadata__": {"num_examples": "3"}, "dense.bias": entry(code, shape, [0, size])}
-    return safetensors_file(header, data)
-
-
 HOSTILE_UPLOADS = {
-    "num_examples '²' (str.isdigit, but int() refuses it)": _with_examples("²"),
-    "num_examples of 5000 digits (over int()'s 4300-digit limit)": _with_examples("1" * 5000),
-    "a tensor with 65 dimensions (numpy's limit is 64)": _declaring([1] * 65, data=b"\0" * 4),
-    "an empty tensor with a 2**70 dimension": _declaring([2**70, 0]),
-    "an empty tensor of shape (2**40, 2**40, 0)": _declaring([2**40, 2**40, 0]),
-    "a 2**40-byte tensor in a 64-byte body": _declaring([2**40], "U8", b"\0" * 64),
+    "num_examples '²' (str.isdigit, but int() refuses it)": with_examples("²"),
+    "num_examples of 5000 digits (over int()'s 4300-digit limit)": with_examples("1" * 5000),
+    "a tensor with 65 dimensions (numpy's limit is 64)": declaring([1] * 65, data=b"\0" * 4),
+    "an empty tensor with a 2**70 dimension": declaring([2**70, 0]),
+    "an empty tensor of shape (2**40, 2**40, 0)": declaring([2**40, 2**40, 0]),
+    "a 2**40-byte tensor in a 64-byte body": declaring([2**40], "U8", b"\0" * 64),
     "header length 2**64-1": struct.pack("<Q", MAX_U64) + valid_update()[8:],
     "header length 2**63": struct.pack("<Q", 2**63) + valid_update()[8:],
     "header length of 16 MiB + 1 in a short body": struct.pack("<Q", 16 * MIB + 1) + b"{}",
@@ -375,222 +274,8 @@ def test_an_admin_token_cannot_post_updates(ingest: Ingest, two_jobs: tuple[str,
     assert all("/updates/admin" not in k for k in ingest.store.list(f"jobs/{a}/"))
 
 
-# --- 4. path traversal in job and client ids ---------------------------------------------------
-
-HOSTILE_JOB_IDS = [
-    b"..",
-    b".",
-    b"%2e%2e",
-    b"%2E%2e",
-    b".%2e",
-    b"a/../b",
-    b"a%2F..%2Fb",
-    b"..%2f..%2fetc",
-    b"..%2F..%2F..%2F..%2Fetc%2Fpasswd",
-    b"%2e%2e%2f%2e%2e%2fescape",
-    b"..%5c..%5cescape",
-    b"%252e%252e",  # double-encoded
-    b"%2F",
-    b"a%2F",
-    b"*",  # the admin tokens' wildcard
-    b"-a",
-    b".hidden",
-    b"a..b",
-    b"a" * 65,
-    b"a" * 8000,
-    b"%C3%A9t%C3%A9",
-    b"%E2%80%AEtxt",  # right-to-left override
-    b"%EF%BC%8E%EF%BC%8E",  # fullwidth dots
-    b"%00",
-    b"a%00b",
-    b"%FF%FE",
-    b"job%20x",
-    b"a%3Fb",
-    b"a;b",
-    b"a%0Ab",  # a newline: functions-framework's own router does not match it
-]
-
-
-def _snapshot(root: Path) -> set[str]:
-    return {str(Path(d, f).relative_to(root)) for d, _, files in os.walk(root) for f in files} | {
-        str(Path(d).relative_to(root)) + "/" for d, _, _ in os.walk(root)
-    }
-
-
-@pytest.mark.parametrize("job", HOSTILE_JOB_IDS, ids=lambda j: j[:40].decode())
-def test_hostile_job_ids_are_4xx_and_touch_nothing(ingest: Ingest, job: bytes) -> None:
-    around = ingest.sandbox.parent
-    before, top = _snapshot(ingest.sandbox), set(os.listdir(around))
-    decoded = unquote_to_bytes(job).decode("utf-8", "replace")
-    admin = auth("*", admin=True)
-    client = admin  # a token naming a kilobytes-long id would itself be refused (431)
-    if len(decoded) <= 256:
-        signed = sign(SECRET.encode(), {"adm": False, "exp": 2**40, "job": decoded, "sub": "c"})
-        client = {"Authorization": f"Bearer {signed}"}
-    for method, suffix, token, body in [
-        ("GET", b"", admin, b""),
-        ("GET", b"/model", admin, b""),
-        ("GET", b"/rounds/1", admin, b""),
-        ("POST", b"/rounds/1/updates", client, valid_update()),
-    ]:
-        answer = raw_request(ingest.url, method, b"/v1/jobs/" + job + suffix, token, body)
-        assert answer.status in (400, 404), (method, suffix, answer.status, answer.body[:200])
-        assert answer.json()["error"] in ("bad_request", "not_found"), answer.body[:200]
-    assert _snapshot(ingest.sandbox) == before, "a request wrote into the sandbox"
-    assert set(os.listdir(around)) == top, "a request wrote next to the sandbox"
-
-
-@pytest.mark.parametrize(
-    "client", ["..", ".", "../escape", "a/../../escape", "%2e%2e", "a%2Fb", "..\\x", "a\x00", "/x"]
-)
-def test_issue_token_refuses_client_ids_that_could_leave_the_updates_folder(client: str) -> None:
-    with pytest.raises(ValueError, match="client"):
-        issue_token(SECRET.encode(), "job-1", client)
-
-
-def test_the_client_id_comes_from_the_token_only(ingest: Ingest) -> None:
-    job = ingest.new_job()
-    for sub in ("../../escape", "a/../b", "..", "x/y", "%2e%2e"):
-        token = sign(SECRET.encode(), {"adm": False, "exp": 2**40, "job": job, "sub": sub})
-        answer = requests.post(
-            ingest.updates(job),
-            data=valid_update(),
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        )
-        assert (answer.status_code, answer.json()["error"]) == (401, "unauthorized"), sub
-    smuggler = {"num_examples": "3", "client": "../../escape", "client_id": "victim", "sub": "x"}
-    answer = requests.post(
-        ingest.updates(job),
-        data=tensors_to_safetensors(model(5), smuggler),
-        headers=auth(job, "honest"),
-        timeout=10,
-    )
-    assert answer.status_code == 202 and answer.json()["client"] == "honest", answer.text
-    assert ingest.store.list(updates_prefix(job, 1)) == [update_key(job, 1, "honest")]
-
-
-# --- 5. payloads that declare more than they carry ---------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def big_job(ingest: Ingest) -> str:
-    return ingest.new_job()
-
-
-@pytest.mark.parametrize("where", ["instance", "service"])
-def test_a_declared_10_gb_upload_is_413_before_the_body_is_read(
-    ingest: Ingest, big_job: str, where: str
-) -> None:
-    """Only 4 bytes of the declared 10 GB are sent and the connection stays open: the answer
-    must come from the Content-Length alone, not after waiting for (or buffering) the body."""
-    base = ingest.instance_url if where == "instance" else ingest.url
-    target = f"/v1/jobs/{big_job}/rounds/1/updates".encode()
-    try:
-        answer = raw_request(
-            base, "POST", target, auth(big_job, "big"), b"safe", declared_length=TEN_GB, timeout=3
-        )
-    except NoAnswer as exc:
-        pytest.fail(f"no 413 while the declared body is pending: {exc}")
-    assert_refused(answer.status, answer.body, {"update_too_large"})
-    assert answer.status == 413
-
-
-def test_ingest_worker_memory_stays_bounded_under_payloads_declaring_more_than_they_carry(
-    ingest: Ingest, big_job: str
-) -> None:
-    """50 uploads to the function instance (the Service URL's proxy buffers bodies itself):
-    10 GB declared with 4 bytes or 64 MiB carried then EOF, and safetensors headers declaring a
-    2**40-byte tensor in a small body. The worker's RSS and its peak RSS grow by < 50 MiB."""
-    ((worker,),) = ingest.pids.values()
-    target = f"/v1/jobs/{big_job}/rounds/1/updates".encode()
-    carry = bytes(64 * MIB)
-    liar = _declaring([2**40], "U8", b"\0" * 64)
-    before = vm(worker)
-    for i in range(50):
-        token = auth(big_job, f"burst-{i:02d}")
-        if i % 10 == 0:
-            answer = raw_request(
-                ingest.instance_url, "POST", target, token, b"", declared_length=TEN_GB,
-                trailing=carry, half_close=True, timeout=30,
-            )  # fmt: skip
-            codes = {"update_too_large"}
-        elif i % 2:
-            answer = raw_request(
-                ingest.instance_url, "POST", target, token, b"safe", declared_length=TEN_GB,
-                half_close=True, timeout=10,
-            )  # fmt: skip
-            codes = {"update_too_large"}
-        else:
-            answer = raw_request(ingest.instance_url, "POST", target, token, liar, timeout=10)
-            codes = {"invalid_update"}
-        assert_refused(answer.status, answer.body, codes)
-    after = vm(worker)
-    grown = {k: (after[k] - before[k]) / MIB for k in after}
-    assert grown["VmRSS"] < 50 and grown["VmHWM"] < 50, f"worker memory grew (MiB): {grown}"
-    assert ingest.store.list(updates_prefix(big_job, 1)) == []
-    assert_alive(ingest)
-
-
-# HTTP framing a client can get wrong or abuse: each must be answered with a 4xx (any body; a
-# malformed request may be refused before the function runs), not dropped and not left hanging.
-FRAMING: dict[str, dict[str, Any]] = {
-    "Content-Length not a number": {"headers": {"Content-Length": "abc"}, "body": b"xx"},
-    "negative Content-Length": {"headers": {"Content-Length": "-1"}, "body": b"xx"},
-    "Content-Length list": {"headers": {"Content-Length": "1, 2"}, "body": b"xx"},
-    "two different Content-Length headers": {
-        "headers": {"Content-Length": "2"},
-        "extra_head": b"Content-Length: 3\r\n",
-        "body": b"xxx",
-    },
-    "chunked body that is not safetensors": {
-        "headers": {"Transfer-Encoding": "chunked"},
-        "body": b"3\r\nabc\r\n0\r\n\r\n",
-    },
-    "raw non-ASCII bytes in the path": {"target": b"/v1/jobs/\xc3\xa9t\xc3\xa9"},
-    "control character in the path": {"target": b"/v1/jobs/a\x01b"},
-}
-
-
-@pytest.mark.parametrize("where", ["service", "instance"])
-@pytest.mark.parametrize("case", list(FRAMING.values()), ids=list(FRAMING))
-def test_malformed_http_framing_is_answered_with_a_4xx(
-    ingest: Ingest, big_job: str, case: dict[str, Any], where: str
-) -> None:
-    base = ingest.url if where == "service" else ingest.instance_url
-    target = case.get("target", f"/v1/jobs/{big_job}/rounds/1/updates".encode())
-    headers = {**auth(big_job, "framing"), **case.get("headers", {})}
-    body, extra = case.get("body", b""), case.get("extra_head", b"")
-    try:
-        answer = raw_request(base, "POST", target, headers, body, extra_head=extra, timeout=3)
-    except NoAnswer as exc:
-        pytest.fail(str(exc))
-    assert 400 <= answer.status < 500, (answer.status, answer.body[:200])
-    assert not ingest.store.exists(update_key(big_job, 1, "framing"))
-
-
-@pytest.mark.parametrize("where", ["service", "instance"])
-def test_a_chunked_upload_arrives_intact(ingest: Ingest, where: str) -> None:
-    """Transfer-Encoding: chunked is how HTTP clients stream a body of unknown length."""
-    base = ingest.url if where == "service" else ingest.instance_url
-    job = ingest.new_job()
-    body = valid_update(11)
-    chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
-    headers = {**auth(job, "chunked"), "Transfer-Encoding": "chunked"}
-    target = f"/v1/jobs/{job}/rounds/1/updates".encode()
-    answer = raw_request(base, "POST", target, headers, chunked, timeout=5)
-    assert answer.status == 202, (answer.status, answer.body[:200])
-    assert ingest.store.read(update_key(job, 1, "chunked")) == body
-
-
 # --- last: the store holds only what the module's jobs legitimately wrote ----------------------
 
 
 def test_nothing_was_written_outside_the_store_root(ingest: Ingest) -> None:
-    assert sorted(os.listdir(ingest.sandbox)) == ["store"]
-    for path in _snapshot(ingest.store.root):
-        if path.endswith("/") and path.count("/") <= 2:
-            continue  # ".", "jobs/", "jobs/<job>/"
-        parts = path.split("/")
-        assert parts[0] == "jobs" and parts[1] in ingest.jobs, path
-        assert not parts[-1].startswith(".tmp-"), f"a temporary file was left behind: {path}"
+    assert_nothing_outside_the_store(ingest)

@@ -9,9 +9,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from kafka_topics import consume
 from microfl.local.kafka import KafkaCluster
 
 
@@ -40,32 +41,6 @@ def idempotent_producer(bootstrap: str) -> Producer:
     )
 
 
-def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[bytes]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": uuid.uuid4().hex,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    values: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while len(values) < expected and time.monotonic() < deadline:
-        for msg in consumer.consume(500, timeout=1.0):
-            if msg.error() is None:
-                values.append(msg.value())
-            elif msg.error().code() != KafkaError._PARTITION_EOF:
-                raise AssertionError(msg.error())
-    # Drain a little longer: a duplicate would show up here.
-    for msg in consumer.consume(500, timeout=2.0):
-        if msg.error() is None:
-            values.append(msg.value())
-    consumer.close()
-    return values
-
-
 def test_idempotent_produce_and_consume_on_single_broker(kafka: KafkaCluster) -> None:
     topic = create_topic(kafka.bootstrap, partitions=3, rf=1, min_isr=1)
     producer = idempotent_producer(kafka.bootstrap)
@@ -81,7 +56,7 @@ def test_idempotent_produce_and_consume_on_single_broker(kafka: KafkaCluster) ->
     assert producer.flush(30) == 0
     assert len(acked) == 2000
 
-    values = consume_all(kafka.bootstrap, topic, 2000)
+    values = [m.value() for m in consume(kafka.bootstrap, topic, 2000, linger=2.0)]
     assert sorted(values) == sorted(acked)
     # Order within a key (one partition) is production order.
     for key in range(7):
@@ -140,7 +115,7 @@ def test_broker_sigkill_loses_no_acknowledged_record(kafka3: KafkaCluster) -> No
 
     survivors = ",".join(f"127.0.0.1:{n.port}" for n in kafka3.members if n.alive)
     assert partition_leader(survivors, topic) != victim
-    values = consume_all(survivors, topic, len(acked))
+    values = [m.value() for m in consume(survivors, topic, len(acked), linger=2.0)]
     assert sorted(values) == sorted(acked), "every acknowledged record is consumed exactly once"
 
     # The killed node rejoins and catches up.

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from microfl.local.reference import fedavg, fedavg_mismatch
 from microfl.strategy import FedAdam, FedAvg, cast_like, fold, make_strategy, mean_of, merge
 
 SHAPES = {"w": (3, 4), "b": (4,), "s": ()}
@@ -20,9 +21,7 @@ def make_updates(seed: int, n: int, dtype: str = "float32") -> list[dict[str, np
 
 def one_shot(updates: list[dict[str, np.ndarray]], weights: list[int]) -> dict[str, np.ndarray]:
     """sum(w_i * x_i) / sum(w_i) in float64, the textbook way."""
-    w = np.array(weights, dtype=np.float64)
-    return {k: np.tensordot(w, np.stack([u[k].astype(np.float64) for u in updates]), axes=1)
-            / w.sum() for k in SHAPES}
+    return fedavg(zip(updates, weights, strict=True))
 
 
 def assert_close_to_mean(got: dict[str, np.ndarray], updates: list[dict[str, np.ndarray]],
@@ -227,3 +226,18 @@ def test_make_strategy() -> None:
         make_strategy("fedyogi")
     with pytest.raises(ValueError):
         make_strategy("FedAvg")
+
+
+def test_the_reference_holds_models_to_one_part_in_a_million_of_the_largest_weight() -> None:
+    """The yardstick of every FedAvg check (microfl.local.reference): the exact result rounded
+    to the model's dtypes passes, 2e-6 of the largest weight off in one tensor fails, NaN fails."""
+    updates = [({"w": np.array([1.0, -3.0], np.float32), "n": np.array([2], np.int64)}, 1),
+               ({"w": np.array([2.0, 5.0], np.float32), "n": np.array([5], np.int64)}, 2)]
+    exact = fedavg(updates)
+    np.testing.assert_array_equal(exact["w"], [5 / 3, 7 / 3])
+    model = cast_like(exact, updates[0][0])
+    assert fedavg_mismatch(model, exact) is None
+    off = {**model, "w": model["w"] + np.float32(2e-6 * 4)}  # 4: the largest weight, "n"
+    assert "tensor 'w' is 2" in (fedavg_mismatch(off, exact) or "")
+    assert fedavg_mismatch({**model, "n": model["n"] + 1}, exact) is not None
+    assert fedavg_mismatch({**model, "w": np.array([np.nan, 1.0], np.float32)}, exact)

@@ -8,13 +8,13 @@ orchestrates and never imports numpy, so the children's peak RSS is their own.""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run", "targets"]
 
@@ -31,18 +31,7 @@ PHASES = ("aggregate", "finalize")
 
 def _step(step: str, root: Path, *options: str) -> dict[str, Any]:
     """Run one worker step in a fresh process; its JSON answer."""
-    done = subprocess.run(
-        [sys.executable, str(WORKER), step, str(root), JOB, *options],
-        stdout=subprocess.PIPE,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"worker step {step} for {root.name} exited with {done.returncode} (its error is above)"
-        )
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return procstat.run_step(WORKER, step, str(root), JOB, *options)
 
 
 def _one(n: int, root: Path) -> dict[str, Any]:
@@ -174,11 +163,5 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"- {phase}: {ratio['peak']:.2f}x peak RSS ({verdict}), "
             f"{ratio['work']:.2f}x peak - baseline"
         )
-    mode = "quick (`--quick`)" if result["quick"] else "full"
-    lines += [
-        "",
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
-        f"{machine['memory_total_mib']:,} MiB RAM, Python {machine['python']}, "
-        f"numpy {machine['numpy']}, {machine['platform']}.",
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)

@@ -21,7 +21,6 @@ flwr is not a runtime dependency: `pip install -e '.[bench]'`."""
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run", "targets"]
 
@@ -37,7 +37,6 @@ CLIENTS = (100, 1000)
 QUICK_CLIENTS = (100,)
 PARAMS = 1_000_000
 FAN_IN = 10
-TOLERANCE = 1e-6  # max |a - b| / max |expected|, between any two of the models
 TARGET_SPEEDUP = 5.0
 TARGET_MEMORY = 10.0
 TARGET_CLIENTS = 1000
@@ -95,7 +94,7 @@ def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
             "params": PARAMS,
             "fan_in": FAN_IN,
             "flwr": flwr_version,
-            "tolerance": TOLERANCE,
+            "tolerance": rows[0]["verify"]["tolerance"],  # microfl.local.reference's
         },
         "runs": rows,
         "targets": {"speedup": TARGET_SPEEDUP, "memory": TARGET_MEMORY, "clients": TARGET_CLIENTS},
@@ -155,7 +154,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     worst = max(e for r in result["runs"] for e in r["verify"]["pairwise"].values())
     out.append(
         {
-            "target": f"same model as Flower within {TOLERANCE:g}",
+            "target": f"same model as Flower within {result['config']['tolerance']:g}",
             "measured": f"max difference {worst:.1e} of the largest weight",
             "met": all(agree),
         }
@@ -234,13 +233,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
                 + ("(met)" if ratio["work"] >= t["memory"] else "(MISSED)")
                 + "."
             )
-    mode = "quick (`--quick`)" if result["quick"] else "full"
-    lines += [
-        "",
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
-        f"{machine['memory_total_mib']:,} MiB RAM, load average at start "
-        f"{machine.get('loadavg', ['?'])[0]}.",
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 
@@ -360,6 +353,7 @@ def verify(root: Path) -> dict[str, Any]:
     import synth
 
     from microfl.jobs import Seal, model_key, seal_key
+    from microfl.local.reference import TOLERANCE, fedavg_error
     from microfl.serde import tensors_from_safetensors
     from microfl.store import FileStore
 
@@ -373,21 +367,10 @@ def verify(root: Path) -> dict[str, Any]:
     for api in FLOWER_APIS:
         with np.load(root / f"flower-{api}.npz") as f:
             models[f"flower_{api}"] = {k: f[k] for k in f.files}
-    scale = max(float(np.max(np.abs(a))) for a in exact.values())
-
-    def diff(a: dict[str, Any], b: dict[str, Any]) -> float:
-        return (
-            max(
-                float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
-                for k in exact
-            )
-            / scale
-        )
-
-    errors = {name: diff(m, exact) for name, m in models.items()}
+    errors = {name: fedavg_error(m, exact) for name, m in models.items()}
     names = list(models)
     pairwise = {
-        f"{a} vs {b}": diff(models[a], models[b])
+        f"{a} vs {b}": fedavg_error(models[a], models[b])
         for i, a in enumerate(names)
         for b in names[i + 1 :]
     }
@@ -395,24 +378,10 @@ def verify(root: Path) -> dict[str, Any]:
         "errors": errors,
         "pairwise": pairwise,
         "agree": all(e <= TOLERANCE for e in pairwise.values()),
-        "max_abs_exact": scale,
+        "tolerance": TOLERANCE,
+        "max_abs_exact": max(float(np.max(np.abs(a))) for a in exact.values()),
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["generate", "microfl", "flower", "verify"])
-    parser.add_argument("root", type=Path)
-    parser.add_argument("arg", nargs="?")
-    args = parser.parse_args(argv)
-    if args.step == "generate":
-        result = generate(args.root, int(args.arg))
-    elif args.step == "flower":
-        result = flower(args.root, args.arg)
-    else:
-        result = {"microfl": microfl, "verify": verify}[args.step](args.root)
-    procstat.emit(result)
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(generate, microfl, flower, verify)

@@ -20,7 +20,6 @@ GB/s counts the updates' tensor bytes (float32), 1 GB = 1e9 bytes."""
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run", "targets"]
 
@@ -148,18 +148,8 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             + (" (would meet it)" if r["patched_ratio"] >= TARGET else "")
             + "."
         )
-    lines += ["", _machine_line(result, machine)]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
-
-
-def _machine_line(result: dict[str, Any], machine: dict[str, Any]) -> str:
-    mode = "quick (`--quick`)" if result["quick"] else "full"
-    return (
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
-        f"{machine['memory_total_mib']:,} MiB RAM, load average at start "
-        f"{machine.get('loadavg', ['?'])[0]}, Python {machine['python']}, numpy "
-        f"{machine['numpy']}."
-    )
 
 
 # --- the child process -------------------------------------------------------------------------
@@ -289,16 +279,5 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["child"])
-    parser.add_argument("root", type=Path)
-    parser.add_argument("params", type=int)
-    parser.add_argument("distinct_mb", type=int)
-    parser.add_argument("repeats", type=int)
-    args = parser.parse_args(argv)
-    procstat.emit(child(args.root, args.params, args.distinct_mb, args.repeats))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(child)

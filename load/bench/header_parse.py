@@ -12,7 +12,6 @@ REPEATS parses (thread CPU time), for three models: the tests' (2 tensors), ResN
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run", "targets"]
 
@@ -187,22 +187,9 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         lines.append(f"| {row['header']} | " + " | ".join(cells) + " |")
     lines += ["", "Answers (tests' model):", ""]
     lines += [f"- {row['header']}: {row['answer']}" for row in runs[0]["rows"]]
-    mode = "quick (`--quick`)" if result["quick"] else "full"
-    lines += [
-        "",
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, load average at "
-        f"start {machine.get('loadavg', ['?'])[0]}.",
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["measure"])
-    parser.add_argument("repeats", type=int)
-    args = parser.parse_args(argv)
-    procstat.emit(measure(args.repeats))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(measure)

@@ -21,7 +21,6 @@ instance runs under an address-space limit of AS_LIMIT_GIB, a guard for the mach
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -38,6 +37,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run", "targets"]
 
@@ -254,24 +254,9 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"| {r['baseline_mib']:.0f} | {r['worker_peak_mib']:.0f} | {r['seconds']:.0f} "
             f"| {r['p50_s']:.1f} | {r['max_s']:.1f} | {r['worker_cpu_s']:.1f} |"
         )
-    mode = "quick (`--quick`)" if result["quick"] else "full"
-    lines += [
-        "",
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
-        f"{machine['memory_total_mib']:,} MiB RAM, load average at start "
-        f"{machine.get('loadavg', ['?'])[0]}.",
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["host"])
-    parser.add_argument("workdir", type=Path)
-    parser.add_argument("plan")
-    args = parser.parse_args(argv)
-    procstat.emit(host(args.workdir, json.loads(args.plan)))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(host)

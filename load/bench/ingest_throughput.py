@@ -12,7 +12,6 @@ where the two cores went."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import secrets
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run"]
 
@@ -167,25 +167,9 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"| {cpu.get('runtime host (proxies, dispatchers)', 0):.1f} "
             f"| {cpu.get('kafka', 0):.1f} | {p.get('cpu_s') or 0:.1f} |"
         )
-    mode = "quick (`--quick`)" if result["quick"] else "full"
-    lines += [
-        "",
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
-        f"{machine['memory_total_mib']:,} MiB RAM, load average at start "
-        f"{machine.get('loadavg', ['?'])[0]}.",
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["host"])
-    parser.add_argument("workdir", type=Path)
-    parser.add_argument("plan")
-    parser.add_argument("threads", type=int)
-    args = parser.parse_args(argv)
-    procstat.emit(host(args.workdir, json.loads(args.plan), args.threads))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(host)

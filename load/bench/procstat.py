@@ -8,6 +8,8 @@ Nothing here imports numpy."""
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -15,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 __all__ = [
     "ProcessSampler",
@@ -25,6 +27,7 @@ __all__ = [
     "log",
     "measured",
     "run_step",
+    "step_main",
     "status_mib",
 ]
 
@@ -144,6 +147,31 @@ def run_step(script: Path, *args: str, timeout: float | None = None) -> dict[str
         raise RuntimeError(f"{script.name} {' '.join(args[:1])} printed no result")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def step_main(*steps: Callable[..., dict[str, Any]], argv: list[str] | None = None) -> None:
+    """The child's side of run_step: `script STEP ARG... [--OPTION VALUE]` calls the step
+    function of that name and emits its answer. Parameters without a default are positional,
+    with one options; each is converted by its annotation (int, float, Path, str; JSON for the
+    rest, e.g. a plan list)."""
+    module = sys.modules[steps[0].__module__]
+    parser = argparse.ArgumentParser(description=(module.__doc__ or "").splitlines()[0])
+    commands = parser.add_subparsers(dest="step", required=True)
+    for step in steps:
+        command = commands.add_parser(step.__name__)
+        command.set_defaults(run=step)
+        hints = get_type_hints(step)
+        for name, param in inspect.signature(step).parameters.items():
+            kind = hints.get(name, str)
+            convert = kind if kind in (int, float, str, Path) else json.loads
+            if param.default is inspect.Parameter.empty:
+                command.add_argument(name, type=convert)
+            else:
+                flag = "--" + name.replace("_", "-")
+                command.add_argument(flag, dest=name, type=convert, default=param.default)
+    args = vars(parser.parse_args(argv))
+    run, _ = args.pop("run"), args.pop("step")
+    emit(run(**args))
 
 
 def emit(result: dict[str, Any]) -> None:

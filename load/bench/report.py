@@ -12,7 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS", "machine", "read_json", "write_json", "write_section"]
+__all__ = ["RESULTS", "machine", "read_json", "run_line", "write_json", "write_section"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TITLE = (
@@ -37,6 +37,25 @@ def machine() -> dict[str, Any]:
         "numpy": version("numpy"),
         "platform": platform.platform(),
     }
+
+
+def run_line(result: dict[str, Any], machine: dict[str, Any]) -> str:
+    """The "Run:" footer of every benchmark section: mode and the machine() it ran on (older
+    results lack some fields; those are left out)."""
+    parts = ["quick (`--quick`)" if result.get("quick") else "full", machine["timestamp"]]
+    parts.append(f"{machine['cpu_count']} cores")
+    if machine.get("memory_total_mib"):
+        parts.append(f"{machine['memory_total_mib']:,} MiB RAM")
+    if machine.get("loadavg"):
+        parts.append(f"load average at start {machine['loadavg'][0]}")
+    if machine.get("loadavg_end"):
+        parts.append(f"at the end {machine['loadavg_end'][0]}")
+    for name, key in (("Python", "python"), ("numpy", "numpy")):
+        if machine.get(key):
+            parts.append(f"{name} {machine[key]}")
+    if machine.get("platform"):
+        parts.append(machine["platform"])
+    return "Run: " + ", ".join(parts) + "."
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:

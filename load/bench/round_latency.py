@@ -19,7 +19,6 @@ cold-start after the seal, inside the latency. Each N's store is deleted before 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run", "targets"]
 
@@ -142,6 +142,7 @@ def _round(
 
     from microfl.jobs import JobSpec, create_job, model_key, partials_prefix, record_key, seal_key
     from microfl.local import runtime as runtime_module
+    from microfl.local.reference import TOLERANCE, fedavg_error
     from microfl.serde import json_from_bytes, tensors_from_safetensors, tensors_to_safetensors
     from microfl.store import FileStore
 
@@ -204,11 +205,7 @@ def _round(
             os.stat(root / key).st_mtime for key in store.list(partials_prefix(job, 1))
         )
         model, _ = tensors_from_safetensors(store.read(model_key(job, 1)) or b"")
-        exact = synth.Updates(base, n, 1).fedavg()
-        error = max(
-            float(abs(model[k].astype("float64") - exact[k]).max() / abs(exact[k]).max())
-            for k in exact
-        )
+        error = fedavg_error(model, synth.Updates(base, n, 1).fedavg())
     finally:
         runtime.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -251,7 +248,7 @@ def _round(
         f"+{row['latency']['to_seal']:.2f} s); peak MiB {row['peak_mib']}; Kafka "
         f"{traffic['records']} records, {traffic['bytes'] / 1e3:.0f} kB; error {error:.1e}",
     )
-    if row["included"] != n or error > 1e-6:
+    if row["included"] != n or error > TOLERANCE:
         raise RuntimeError(f"N={n}: the round included {row['included']} updates, error {error}")
     return row
 
@@ -407,13 +404,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
                 f"- {role} peak RSS at {last:,} over {first:,} clients: {ratio:.2f}x "
                 f"(target <= {t['flat_ratio']}x: {verdict})."
             )
-    mode = "quick (`--quick`)" if result["quick"] else "full"
-    lines += [
-        "",
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
-        f"{machine['memory_total_mib']:,} MiB RAM, load average at start "
-        f"{machine.get('loadavg', ['?'])[0]}.",
-    ]
+    lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 
@@ -426,16 +417,5 @@ def _f(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["host"])
-    parser.add_argument("workdir", type=Path)
-    parser.add_argument("plan", help='JSON: [{"clients": N, "variant": "as is"|"patched"}]')
-    parser.add_argument("fan_in", type=int)
-    parser.add_argument("threads", type=int)
-    args = parser.parse_args(argv)
-    procstat.emit(host(args.workdir, json.loads(args.plan), args.fan_in, args.threads))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(host)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from microfl.jobs import JobSpec, Seal, create_job, seal_key, update_key
+from microfl.local.reference import fedavg
 from microfl.serde import tensors_to_safetensors
 from microfl.store import FileStore
 
@@ -83,18 +84,12 @@ class Updates:
             yield self.client(i), self.body(i)
 
     def fedavg(self) -> dict[str, np.ndarray]:
-        """The exact example-weighted mean in float64."""
-        weights = np.zeros(len(self.pool))
+        """The exact FedAvg (microfl.local.reference), over POOL terms: client i sends pool[i %
+        POOL], so each pool entry weighs the examples of all its clients."""
+        weights = [0] * len(self.pool)
         for i, n in enumerate(self.examples):
             weights[i % len(self.pool)] += n
-        total = weights.sum()
-        return {
-            name: sum(
-                w * p[name].astype(np.float64) for w, p in zip(weights, self.pool, strict=True)
-            )
-            / total
-            for name in self.pool[0]
-        }
+        return fedavg(zip(self.pool, weights, strict=True))
 
 
 def write_round(

@@ -28,7 +28,6 @@ rounds at a random moment, while here every round commits through the transport'
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+import report
 
 __all__ = ["NAME", "markdown", "run"]
 
@@ -148,6 +148,7 @@ def _round(
 
     from microfl.jobs import model_key, partials_prefix, record_key, seal_key
     from microfl.local import pubsub
+    from microfl.local.reference import TOLERANCE, fedavg_error
     from microfl.local.runtime import LocalRuntime
     from microfl.serde import json_from_bytes, tensors_from_safetensors
     from microfl.store import FileStore
@@ -197,11 +198,7 @@ def _round(
             os.stat(root / key).st_mtime for key in store.list(partials_prefix(job, 1))
         )
         model, _ = tensors_from_safetensors(store.read(model_key(job, 1)) or b"")
-        exact = synth.Updates(synth.model(PARAMS, 0), n, 1).fedavg()
-        error = max(
-            float(abs(model[k].astype("float64") - exact[k]).max() / abs(exact[k]).max())
-            for k in exact
-        )
+        error = fedavg_error(model, synth.Updates(synth.model(PARAMS, 0), n, 1).fedavg())
     finally:
         runtime.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -233,7 +230,7 @@ def _round(
         f"{tag}: latency {row['latency']['total']:.2f} s after the last 202 (seal "
         f"+{row['latency']['to_seal']:.2f} s); error {error:.1e}",
     )
-    if row["included"] != n or error > 1e-6:
+    if row["included"] != n or error > TOLERANCE:
         raise RuntimeError(f"{tag}: the round included {row['included']} of {n}, error {error}")
     return row
 
@@ -365,16 +362,12 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"{r['max_relative_error']:.1e}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    mode = "quick (`--quick`)" if result["quick"] else "full"
     lines += [
         "",
         "Ratios are Pub/Sub over Kafka: above 1 means the emulator path took longer (latency, "
         "upload times, CPU) or got more done (updates/s). No target is set for the transports.",
         "",
-        f"Run: {mode}, {machine['timestamp']}, {machine['cpu_count']} cores, "
-        f"{machine['memory_total_mib']:,} MiB RAM, load average at start "
-        f"{machine.get('loadavg', ['?'])[0]}, at the end "
-        f"{machine.get('loadavg_end', ['?'])[0]}.",
+        report.run_line(result, machine),
     ]
     return "\n".join(lines)
 
@@ -383,16 +376,5 @@ def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["host"])
-    parser.add_argument("workdir", type=Path)
-    parser.add_argument("plan", help='JSON: [{"transport": "kafka"|"pubsub", "repeat": 1}]')
-    parser.add_argument("clients", type=int)
-    parser.add_argument("threads", type=int)
-    args = parser.parse_args(argv)
-    procstat.emit(host(args.workdir, json.loads(args.plan), args.clients, args.threads))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(host)

@@ -12,15 +12,15 @@ as a cross-check."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import procstat
 
 from microfl.aggregate import compute_partial
 from microfl.backends import Backends
@@ -37,25 +37,13 @@ from microfl.jobs import (
     update_key,
     updates_prefix,
 )
+from microfl.local.reference import TOLERANCE, fedavg, fedavg_error
 from microfl.serde import json_from_bytes, tensors_to_safetensors
 from microfl.store import FileStore
 
 ROUND = 1
 MODEL = {"dense.weight": (1000, 1000), "dense.bias": (1000,)}  # 1,001,000 float32 parameters
 NOISE = np.float32(0.01)  # each client's model: the global model plus its own noise
-MAX_RELATIVE_ERROR = 1e-6
-
-
-def _status_mib(field: str) -> float | None:
-    """A VmRSS/VmHWM line of /proc/self/status in MiB (None off Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _peak_mib() -> float:
@@ -65,7 +53,7 @@ def _peak_mib() -> float:
 
 def _measured(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run work after the imports; its wall time, the RSS before it and the peak RSS after."""
-    baseline = _status_mib("VmRSS") or _peak_mib()
+    baseline = procstat.status_mib("VmRSS") or _peak_mib()
     start = time.perf_counter()
     info = work()
     seconds = time.perf_counter() - start
@@ -75,12 +63,14 @@ def _measured(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         "baseline_mib": baseline,
         "peak_mib": peak,
         "work_mib": peak - baseline,
-        "vm_hwm_mib": _status_mib("VmHWM"),
+        "vm_hwm_mib": procstat.status_mib("VmHWM"),
         "seconds": seconds,
     }
 
 
-def generate(root: str, job: str, clients: int, fan_in: int, seed: int) -> dict[str, Any]:
+def generate(
+    root: str, job: str, clients: int = 10, fan_in: int = 10, seed: int = 0
+) -> dict[str, Any]:
     store = FileStore(root)
     rng = np.random.default_rng(seed)
     model = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in MODEL.items()}
@@ -135,36 +125,32 @@ def finalize(root: str, job: str) -> dict[str, Any]:
 
 
 def verify(root: str, job: str) -> dict[str, Any]:
-    """Model 1 against a float64 numpy FedAvg of the stored updates, read with the safetensors
-    package rather than microfl's own parser."""
+    """Model 1 against the exact FedAvg (microfl.local.reference) of the stored updates, read
+    with the safetensors package rather than microfl's own parser."""
     from safetensors.numpy import load
 
     store = FileStore(root)
-    total: dict[str, np.ndarray] = {}
-    weight = 0
     keys = store.list(updates_prefix(job, ROUND))
-    for key in keys:
-        data = store.read(key)
-        assert data is not None
-        n = _num_examples(data)
-        for name, arr in load(data).items():
-            total[name] = total.get(name, 0) + n * arr.astype(np.float64)
-        weight += n
+    weight = 0
+
+    def updates() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        nonlocal weight
+        for key in keys:
+            data = store.read(key)
+            assert data is not None
+            n = _num_examples(data)
+            weight += n
+            yield load(data), n
+
+    exact = fedavg(updates())
     model_bytes = store.read(model_key(job, ROUND))
     record_bytes = store.read(record_key(job, ROUND))
     assert model_bytes is not None and record_bytes is not None, "finalize wrote neither"
-    model = load(model_bytes)
-    error = 0.0
-    for name, arr in total.items():
-        expected = arr / weight
-        got = model[name].astype(np.float64)
-        error = max(
-            error, float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-30)))
-        )
+    error = fedavg_error(load(model_bytes), exact)
     record = json_from_bytes(record_bytes)
     problems = []
-    if error > MAX_RELATIVE_ERROR:
-        problems.append(f"model 1 differs from the numpy FedAvg by {error:.2e} (relative)")
+    if error > TOLERANCE:
+        problems.append(f"model 1 is {error:.2e} of the largest weight from the exact FedAvg")
     if len(record["included"]) != len(keys) or record["num_examples"] != weight:
         problems.append(
             f"the round record includes {len(record['included'])} updates and "
@@ -181,23 +167,5 @@ def _num_examples(data: bytes) -> int:
     return int(header["__metadata__"]["num_examples"])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["generate", "aggregate", "finalize", "verify"])
-    parser.add_argument("root")
-    parser.add_argument("job")
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--fan-in", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.step == "generate":
-        result = generate(args.root, args.job, args.clients, args.fan_in, args.seed)
-    else:
-        result = {"aggregate": aggregate, "finalize": finalize, "verify": verify}[args.step](
-            args.root, args.job
-        )
-    print(json.dumps(result))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(generate, aggregate, finalize, verify)

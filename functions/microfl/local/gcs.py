@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from microfl.local.procs import HOST, free_port, spawn, stop_process, wait_until
+from microfl.local.procs import HOST, ServerProcess
 
 __all__ = ["FakeGcsServer", "fake_gcs_binary"]
 
@@ -36,45 +36,39 @@ def fake_gcs_binary() -> Path:
 
 
 @dataclass
-class FakeGcsServer:
+class FakeGcsServer(ServerProcess):
     workdir: Path
     port: int = 0
     proc: subprocess.Popen | None = None
 
     @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+    def what(self) -> str:
+        return "fake-gcs-server"
 
     @property
     def log_path(self) -> Path:
         return Path(self.workdir) / "fake-gcs-server.log"
 
-    def start(self, timeout: float = 30.0) -> FakeGcsServer:
-        self.port = self.port or free_port()
-        self.proc = spawn(
-            [
-                str(fake_gcs_binary()),
-                "-scheme",
-                "http",
-                "-host",
-                HOST,
-                "-port",
-                str(self.port),
-                "-backend",
-                "memory",
-                "-public-host",
-                f"{HOST}:{self.port}",
-                "-external-url",
-                self.url,
-                "-log-level",
-                "warn",
-            ],
-            self.log_path,
-        )
-        wait_until(self._answers, timeout, "fake-gcs-server", self.proc, self.log_path)
-        return self
+    def argv(self) -> list[str]:
+        return [
+            str(fake_gcs_binary()),
+            "-scheme",
+            "http",
+            "-host",
+            HOST,
+            "-port",
+            str(self.port),
+            "-backend",
+            "memory",
+            "-public-host",
+            f"{HOST}:{self.port}",
+            "-external-url",
+            self.url,
+            "-log-level",
+            "warn",
+        ]
 
-    def _answers(self) -> bool:
+    def ready(self) -> bool:
         with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2) as resp:
             return bool(resp.status == 200)
 
@@ -88,12 +82,5 @@ class FakeGcsServer:
             self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.resume()
-            stop_process(self.proc)
-
-    def __enter__(self) -> FakeGcsServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.resume()
+        super().stop()

@@ -11,13 +11,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from microfl.local.procs import HOST, free_port, repo_root, spawn, stop_process, wait_until
+from microfl.local.procs import HOST, ServerProcess, repo_root
 
 __all__ = ["FunctionProcess"]
 
 
 @dataclass
-class FunctionProcess:
+class FunctionProcess(ServerProcess):
     """One instance of a function: functions-framework (gunicorn) on a free port."""
 
     target: str
@@ -27,42 +27,36 @@ class FunctionProcess:
     source: Path | None = None  # functions/main.py of the checkout unless given
     port: int = 0
     proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    start_timeout = 60.0
+    stop_grace = 5.0
 
     @property
     def log_path(self) -> Path:
         return self.logdir / f"{self.log_name or self.target}.log"
 
-    def start(self, timeout: float = 60.0) -> FunctionProcess:
-        self.port = free_port()
+    @property
+    def what(self) -> str:
+        return f"function {self.target}"
+
+    def argv(self) -> list[str]:
         runner = Path(sys.executable).parent / "functions-framework"
         source = self.source or repo_root() / "functions" / "main.py"
-        self.proc = spawn(
-            [
-                str(runner),
-                "--target",
-                self.target,
-                "--source",
-                str(source),
-                "--host",
-                HOST,
-                "--port",
-                str(self.port),
-            ],
-            self.log_path,
-            env={**os.environ, **self.env},
-        )
-        wait_until(self._answers, timeout, f"function {self.target}", self.proc, self.log_path)
-        return self
+        return [
+            str(runner),
+            "--target",
+            self.target,
+            "--source",
+            str(source),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+        ]
 
-    def _answers(self) -> bool:
+    def child_env(self) -> dict[str, str]:
+        return {**os.environ, **self.env}
+
+    def ready(self) -> bool:
         path = "/healthz" if self.target == "ingest" else "/"
         try:
             with urllib.request.urlopen(self.url + path, timeout=2):
@@ -75,7 +69,3 @@ class FunctionProcess:
         if self.proc is not None and self.alive:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, grace=5.0)

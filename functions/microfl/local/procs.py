@@ -1,4 +1,5 @@
-"""Helpers for the local platform's child processes: free ports, log files, waiting, killing."""
+"""Helpers for the local platform's child processes: free ports, log files, waiting, killing, and
+the base of its server children (emulators, function instances)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar, Self
 
-__all__ = ["free_port", "repo_root", "spawn", "stop_process", "wait_until"]
+__all__ = ["ServerProcess", "free_port", "repo_root", "spawn", "stop_process", "wait_until"]
 
 HOST = "127.0.0.1"
 
@@ -89,3 +91,58 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+class ServerProcess:
+    """A server child on 127.0.0.1 (an emulator, a function instance), its output in a log file:
+    start() spawns argv() on a free port and waits until ready() answers, failing early with the
+    log's path if the child dies; stop() ends its process group. Subclasses are dataclasses with
+    `port` and `proc` fields."""
+
+    port: int
+    proc: subprocess.Popen | None
+    start_timeout: ClassVar[float] = 30.0
+    stop_grace: ClassVar[float] = 10.0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def log_path(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def what(self) -> str:
+        """The server's name in errors."""
+        return type(self).__name__
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def child_env(self) -> dict[str, str] | None:
+        """The child's environment; None: this process's."""
+        return None
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout: float | None = None) -> Self:
+        self.port = self.port or free_port()
+        self.proc = spawn(self.argv(), self.log_path, self.child_env())
+        wait_until(self.ready, timeout or self.start_timeout, self.what, self.proc, self.log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace=self.stop_grace)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

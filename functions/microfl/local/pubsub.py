@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from microfl.events import PARTIAL_REQUESTED, TOPICS, UPDATE_ACCEPTED
-from microfl.local.procs import HOST, free_port, repo_root, spawn, stop_process, wait_until
+from microfl.local.procs import HOST, ServerProcess, repo_root
 
 __all__ = [
     "PROJECT",
@@ -97,10 +97,14 @@ def emulator_binary(quiet: bool = False) -> Path:
 
 
 @dataclass
-class PubSubEmulator:
+class PubSubEmulator(ServerProcess):
     workdir: Path
     port: int = 0
     proc: subprocess.Popen | None = None
+
+    @property
+    def what(self) -> str:
+        return "Pub/Sub emulator"
 
     @property
     def host(self) -> str:
@@ -111,27 +115,12 @@ class PubSubEmulator:
     def log_path(self) -> Path:
         return Path(self.workdir) / "pubsub-emulator.log"
 
-    def start(self, timeout: float = 30.0) -> PubSubEmulator:
-        binary = emulator_binary()
-        self.port = self.port or free_port()
-        self.proc = spawn([str(binary), "-host", HOST, "-port", str(self.port)], self.log_path)
-        wait_until(self._listens, timeout, "Pub/Sub emulator", self.proc, self.log_path)
-        return self
+    def argv(self) -> list[str]:
+        return [str(emulator_binary()), "-host", HOST, "-port", str(self.port)]
 
-    def _listens(self) -> bool:
+    def ready(self) -> bool:
         with socket.create_connection((HOST, self.port), timeout=1):
             return True
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
-
-    def __enter__(self) -> PubSubEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextmanager
