@@ -18,9 +18,16 @@ __all__ = ["BEFORE", "freeze", "load"]
 BEFORE = report.RESULTS / "before"
 
 
-def load(name: str, results: Path = report.RESULTS) -> dict[str, Any] | None:
-    """The frozen result of benchmark `name`, or None if none was frozen."""
-    return report.read_json(results / "before" / f"{name}.json")
+def load(
+    name: str, current: dict[str, Any] | None = None, results: Path = report.RESULTS
+) -> dict[str, Any] | None:
+    """The frozen result of benchmark `name`; None if none was frozen, or if it is the very run
+    of `current` (a result with its "machine", or just {"machine": machine})."""
+    before = report.read_json(results / "before" / f"{name}.json")
+    stamp = ((current or {}).get("machine") or {}).get("timestamp")
+    if before is not None and stamp and before.get("machine", {}).get("timestamp") == stamp:
+        return None
+    return before
 
 
 def freeze(name: str, results: Path = report.RESULTS) -> Path:

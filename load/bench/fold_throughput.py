@@ -100,7 +100,7 @@ def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     import baseline
 
-    before = {r["params"]: r for r in (baseline.load(NAME) or {}).get("runs", [])}
+    before = {r["params"]: r for r in (baseline.load(NAME, result) or {}).get("runs", [])}
     out = []
     for r in result["runs"]:
         was = before.get(r["params"])
@@ -158,7 +158,8 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         + " | ".join(f"{r['updates']} x {r['model_bytes'] / 1e6:.1f}" for r in runs)
         + " |"
     )
-    before = {r["params"]: r for r in (baseline.load(NAME) or {}).get("runs", [])}
+    old = baseline.load(NAME, {"machine": machine}) or {}
+    before = {r["params"]: r for r in old.get("runs", [])}
     lines += ["", f"Target: aggregate path >= {TARGET:.0%} of the memory-copy rate."]
     for r in runs:
         verdict = "met" if r["ratio"] >= TARGET else f"MISSED by {TARGET / r['ratio']:.1f}x"

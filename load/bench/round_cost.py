@@ -312,7 +312,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     import baseline
 
     done = [r for r in result["runs"] if r["committed"]]
-    before = baseline.load(NAME)
+    before = baseline.load(NAME, result)
     out = []
     if len(done) < 2:
         return [
@@ -333,7 +333,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             if ratio is not None
             else f"0 -> {hi['per_update'][key]:.1f} per update"
         )
-        if before and before is not result and before["ratio"].get(key) is not None:
+        if before and before["ratio"].get(key) is not None:
             b_done = [r for r in before["runs"] if r["committed"]]
             measured += (
                 f"; before: {before['ratio'][key]:.2f}x at {b_done[0]['clients']:,} to "
@@ -384,7 +384,7 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"| {'/'.join(f'{cpu.get(role, 0):.1f}' for role in ROLE_ORDER)} |"
         )
     lines += ["", f"Largest N over smallest N, per update (target <= {TARGET_FLAT}x):", ""]
-    before = baseline.load(NAME)
+    before = baseline.load(NAME, {"machine": machine})
     for key, label in LABELS.items():
         ratio = result["ratio"].get(key)
         text = "-" if ratio is None else f"{ratio:.2f}x"
