@@ -8,13 +8,12 @@ passes over all K (best of REPEATS):
 - memcpy: np.copyto of every update's tensors into one buffer (updates already in memory);
 - read: FileStore.read of every update (page cache -> a new bytes object);
 - validate: jobs.validate_update (schema and the NaN/Inf scan) on updates in memory;
-- fold: strategy.fold on updates in memory;
-- aggregate path: read + parse + validate + fold, chunk by chunk, as aggregate._partial_bytes
+- fold: the product's fold (PRODUCT_FOLD below) on updates in memory;
+- aggregate path: read + parse + validate + fold, chunk by chunk, as the aggregate function
   does (the headline number: "read, validate, accumulate");
-- compute_partial: the whole function for every chunk, including serialising the float64
-  partial and writing it create-only with fsync;
-- and the same path and function with the changes in patched.py, whose partials must be
-  byte-identical to the real ones.
+- compute_partial: today's aggregate.compute_partial for every chunk, including serialising the
+  float64 partial and writing it create-only with fsync (left out once the function is gone);
+- the other fold implementations that import (FOLDS), through the same path, for comparison.
 
 GB/s counts the updates' tensor bytes (float32), 1 GB = 1e9 bytes."""
 
@@ -23,6 +22,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import report
 __all__ = ["NAME", "markdown", "run", "targets"]
 
 NAME = "fold_throughput"
-SIZES = (100_000, 1_000_000, 10_000_000)
+SIZES = (1_000_000, 10_000_000)
 DISTINCT_MB = 320
 QUICK_DISTINCT_MB = 64
 REPEATS = 5
@@ -40,16 +40,19 @@ QUICK_REPEATS = 2
 FAN_IN = 10
 TARGET = 0.5  # aggregate path GB/s over memcpy GB/s
 HEADLINE = "aggregate_path"
+# >>> The product's partial-sum fold, the one line to adjust when the aggregate function's fold
+# changes: "strategy" (microfl.strategy.fold into a float64 sum, today's aggregate._partial_bytes),
+# "exactsum" (microfl.exactsum.ExactSum.fold, one update per call) or "exactsum_many"
+# (ExactSum.fold_many, one chunk of FAN_IN updates per call).
+PRODUCT_FOLD = "strategy"
+FOLDS = ("strategy", "exactsum", "exactsum_many")  # each measured if it imports
 ROWS = (
     ("memcpy", "numpy memory copy (ceiling)"),
     ("read", "FileStore.read only"),
     ("validate", "validate_update only (in memory)"),
-    ("fold", "strategy.fold only (in memory)"),
+    ("fold", "the product's fold only (in memory)"),
     ("aggregate_path", "**aggregate path: read + validate + fold**"),
     ("compute_partial", "compute_partial (+ partial serialised, written, fsync)"),
-    ("patched_fold", "patched: aggregate path with fold_blocked"),
-    ("patched_path", "patched: aggregate path, all changes"),
-    ("patched_compute_partial", "patched: compute_partial, all changes"),
 )
 
 
@@ -70,15 +73,13 @@ def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
             procstat.log(
                 NAME,
                 f"  memcpy {row['gbps']['memcpy']:.2f} GB/s, aggregate path "
-                f"{row['gbps'][HEADLINE]:.2f} GB/s ({ratio:.0%}), patched path "
-                f"{row['gbps']['patched_path']:.2f} GB/s",
+                f"({row['product_fold']}) {row['gbps'][HEADLINE]:.2f} GB/s ({ratio:.0%})",
             )
             rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for row in rows:
         row["ratio"] = row["gbps"][HEADLINE] / row["gbps"]["memcpy"]
-        row["patched_ratio"] = row["gbps"]["patched_path"] / row["gbps"]["memcpy"]
     return {
         "benchmark": NAME,
         "quick": quick,
@@ -88,6 +89,7 @@ def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
             "repeats": repeats,
             "fan_in": FAN_IN,
             "store": "FileStore (page cache warm)",
+            "product_fold": PRODUCT_FOLD,
         },
         "runs": rows,
         "target_ratio": TARGET,
@@ -96,18 +98,31 @@ def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {
-            "target": f"fold throughput >= {TARGET:.0%} of memcpy, {r['params'] / 1e6:g}M params",
-            "measured": f"{r['ratio']:.0%} ({r['gbps'][HEADLINE]:.2f} vs "
-            f"{r['gbps']['memcpy']:.2f} GB/s); patched {r['patched_ratio']:.0%}",
-            "met": r["ratio"] >= TARGET,
-        }
-        for r in result["runs"]
-    ]
+    import baseline
+
+    before = {r["params"]: r for r in (baseline.load(NAME, result) or {}).get("runs", [])}
+    out = []
+    for r in result["runs"]:
+        was = before.get(r["params"])
+        out.append(
+            {
+                "target": f"fold path >= {TARGET:.0%} of memcpy, {r['params'] / 1e6:g}M params",
+                "measured": f"{r['ratio']:.0%} ({r['gbps'][HEADLINE]:.2f} vs "
+                f"{r['gbps']['memcpy']:.2f} GB/s, fold: {_fold_of(r)})"
+                + (f"; before: {was['ratio']:.0%} ({_fold_of(was)})" if was else ""),
+                "met": r["ratio"] >= TARGET,
+            }
+        )
+    return out
+
+
+def _fold_of(row: dict[str, Any]) -> str:
+    return str(row.get("product_fold", "strategy"))
 
 
 def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
+    import baseline
+
     runs = result["runs"]
     cfg = result["config"]
     head = " | ".join(f"{r['params'] / 1e6:g}M params" for r in runs)
@@ -118,54 +133,95 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         f"model size; about {cfg['distinct_mb']} MB of distinct updates per size (more than the "
         f"caches hold), fan-in {cfg['fan_in']}, files in the page cache, best of "
         f"{cfg['repeats']} passes. The aggregate path is what aggregate does per update: "
-        "FileStore.read, parse, validate_update (schema and NaN/Inf scan), strategy.fold into "
-        "the float64 sum. *patched* rows time the changes in `load/bench/patched.py` (same "
-        "bytes out, checked).",
+        "FileStore.read, parse, validate_update (schema and NaN/Inf scan), the product's fold "
+        f"(`{_fold_of(runs[0]) if runs else '?'}`; PRODUCT_FOLD in fold_throughput.py). "
+        "*path with* rows run the same path with the other fold implementations that import.",
         "",
         f"| step | {head} |",
         "| --- |" + " ---: |" * len(runs),
     ]
-    for key, label in ROWS:
-        cells = " | ".join(f"{r['gbps'][key]:.2f}" for r in runs)
+    keys = [k for k, _ in ROWS] + sorted(
+        {k for r in runs for k in r["gbps"] if k.startswith("path_")}
+    )
+    labels = dict(ROWS)
+    for key in keys:
+        if not any(key in r["gbps"] for r in runs):
+            continue
+        label = labels.get(key) or f"path with {key[len('path_') :]}"
+        cells = " | ".join(_cell(r["gbps"].get(key)) for r in runs)
         lines.append(f"| {label} | {cells} |")
     lines.append(
         "| aggregate path / memcpy | " + " | ".join(f"**{r['ratio']:.0%}**" for r in runs) + " |"
-    )
-    lines.append(
-        "| patched path / memcpy | " + " | ".join(f"{r['patched_ratio']:.0%}" for r in runs) + " |"
     )
     lines.append(
         "| updates (distinct) x MB | "
         + " | ".join(f"{r['updates']} x {r['model_bytes'] / 1e6:.1f}" for r in runs)
         + " |"
     )
+    old = baseline.load(NAME, {"machine": machine}) or {}
+    before = {r["params"]: r for r in old.get("runs", [])}
     lines += ["", f"Target: aggregate path >= {TARGET:.0%} of the memory-copy rate."]
     for r in runs:
         verdict = "met" if r["ratio"] >= TARGET else f"MISSED by {TARGET / r['ratio']:.1f}x"
+        was = before.get(r["params"])
         lines.append(
-            f"- {r['params']:,} parameters: {r['ratio']:.0%} ({verdict}); with the patched "
-            f"path {r['patched_ratio']:.0%}"
-            + (" (would meet it)" if r["patched_ratio"] >= TARGET else "")
+            f"- {r['params']:,} parameters: {r['ratio']:.0%} ({verdict})"
+            + (f"; before: {was['ratio']:.0%} with {_fold_of(was)}" if was else "")
             + "."
         )
     lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 # --- the child process -------------------------------------------------------------------------
+
+
+def _folds(base: dict[str, Any]) -> dict[str, Callable[[Iterable[tuple[Any, int]]], Any]]:
+    """Every fold of FOLDS that imports: a function that sums one chunk's (tensors, weight)
+    pairs, taking them one at a time from the iterator (or a chunk at a time, for fold_many)."""
+    from microfl.strategy import fold
+
+    def strategy(items: Iterable[tuple[Any, int]]) -> Any:
+        acc = None
+        for tensors, n in items:
+            acc = fold(acc, tensors, float(n))
+        return acc
+
+    out: dict[str, Callable[[Iterable[tuple[Any, int]]], Any]] = {"strategy": strategy}
+    try:
+        from microfl.exactsum import ExactSum
+    except ImportError:
+        return out
+
+    def exact(items: Iterable[tuple[Any, int]]) -> Any:
+        acc = ExactSum(base)
+        for tensors, n in items:
+            acc.fold(tensors, int(n))
+        return acc
+
+    def exact_many(items: Iterable[tuple[Any, int]]) -> Any:
+        pairs = list(items)
+        acc = ExactSum(base)
+        acc.fold_many([t for t, _ in pairs], [int(n) for _, n in pairs])
+        return acc
+
+    out.update(exactsum=exact, exactsum_many=exact_many)
+    return out
 
 
 def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, Any]:
     import numpy as np
-    import patched
     import synth
 
-    from microfl.aggregate import compute_partial
+    from microfl import aggregate
     from microfl.backends import Backends
     from microfl.bus import MemoryBus
-    from microfl.jobs import load_job, partial_key, partials_prefix, update_key, validate_update
+    from microfl.jobs import load_job, model_key, partials_prefix, update_key, validate_update
     from microfl.serde import tensors_from_safetensors
-    from microfl.strategy import fold
 
     model_bytes = params * 4
     k = max(FAN_IN, round(distinct_mb * 1e6 / model_bytes / FAN_IN) * FAN_IN)
@@ -175,6 +231,10 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
     store, updates, wrote = synth.write_round(root, params, k, fan_in)
     b = Backends(store, MemoryBus())
     spec = load_job(store, synth.JOB)
+    base, _ = tensors_from_safetensors(store.read(model_key(synth.JOB, 0)) or b"")
+    folds = _folds(base)
+    if PRODUCT_FOLD not in folds:
+        raise RuntimeError(f"PRODUCT_FOLD = {PRODUCT_FOLD!r} does not import here")
     keys = [update_key(synth.JOB, synth.ROUND, updates.client(i)) for i in range(k)]
     chunks = [keys[i : i + fan_in] for i in range(0, k, fan_in)]
     total = k * model_bytes
@@ -201,62 +261,46 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
 
     def fold_only() -> None:
         for i in range(0, k, fan_in):
-            acc = None
-            for tensors, meta in loaded[i : i + fan_in]:
-                acc = fold(acc, tensors, float(meta["num_examples"]))
+            folds[PRODUCT_FOLD](
+                (tensors, int(meta["num_examples"])) for tensors, meta in loaded[i : i + fan_in]
+            )
 
-    def path(read_fn, check, fold_fn, per_chunk_check) -> None:  # type: ignore[no-untyped-def]
-        for chunk in chunks:
-            acc = None
-            for key in chunk:
-                tensors, meta = tensors_from_safetensors(read_fn(key))
-                acc = fold_fn(acc, tensors, float(check(spec, tensors, meta)))
-            if per_chunk_check:
-                assert all(bool(np.isfinite(a).all()) for a in acc.values())
+    def read_validate(chunk: list[str]) -> Iterator[tuple[Any, int]]:
+        for key in chunk:
+            tensors, meta = tensors_from_safetensors(store.read(key) or b"")
+            yield tensors, validate_update(spec, tensors, meta)
 
-    def aggregate_path() -> None:
-        path(store.read, validate_update, fold, False)
+    def path(name: str) -> Callable[[], None]:
+        def run_path() -> None:
+            for chunk in chunks:
+                folds[name](read_validate(chunk))
 
-    def patched_fold() -> None:
-        path(store.read, validate_update, patched.fold_blocked, False)
-
-    def patched_path() -> None:
-        path(
-            lambda key: patched.read_view(store, key),
-            patched.validate_schema,
-            patched.fold_blocked,
-            True,
-        )
+        return run_path
 
     def clear_partials() -> None:
         for key in store.list(partials_prefix(synth.JOB, synth.ROUND)):
             store.delete(key)
 
-    def whole(fn) -> None:  # type: ignore[no-untyped-def]
+    def compute_partials() -> None:  # today's aggregate function, chunk by chunk
         for c in range(len(chunks)):
-            fn(b, synth.JOB, synth.ROUND, c)
+            aggregate.compute_partial(b, synth.JOB, synth.ROUND, c)  # type: ignore[attr-defined]
 
-    # The patched partials must be byte-identical to the real ones.
-    whole(compute_partial)
-    real = [store.read(partial_key(synth.JOB, synth.ROUND, c)) for c in range(len(chunks))]
-    clear_partials()
-    whole(patched.compute_partial)
-    mine = [store.read(partial_key(synth.JOB, synth.ROUND, c)) for c in range(len(chunks))]
-    clear_partials()
-    if real != mine:
-        raise RuntimeError("patched.compute_partial wrote different bytes than compute_partial")
-
-    steps = {
+    steps: dict[str, tuple[Callable[[], None], Callable[[], None] | None]] = {
         "memcpy": (memcpy, None),
         "read": (read, None),
         "validate": (validate, None),
         "fold": (fold_only, None),
-        "aggregate_path": (aggregate_path, None),
-        "compute_partial": (lambda: whole(compute_partial), clear_partials),
-        "patched_fold": (patched_fold, None),
-        "patched_path": (patched_path, None),
-        "patched_compute_partial": (lambda: whole(patched.compute_partial), clear_partials),
+        "aggregate_path": (path(PRODUCT_FOLD), None),
     }
+    try:  # gone with the streaming protocol: measured while it exists
+        compute_partials()
+        clear_partials()
+        steps["compute_partial"] = (compute_partials, clear_partials)
+    except Exception as exc:  # noqa: BLE001  # any failure: the row is left out, and said why
+        procstat.log(NAME, f"  compute_partial left out: {type(exc).__name__}: {exc}")
+    for name in folds:
+        if name != PRODUCT_FOLD:
+            steps[f"path_{name}"] = (path(name), None)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):  # interleaved, so a burst of load on the machine hits all alike
         for name, (fn, after) in steps.items():
@@ -270,11 +314,11 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
         "model_bytes": model_bytes,
         "updates": k,
         "fan_in": fan_in,
+        "product_fold": PRODUCT_FOLD,
         "write_seconds": wrote,
         "seconds": times,
         "gbps": {name: total / min(ts) / 1e9 for name, ts in times.items()},
         "gbps_median": {name: total / sorted(ts)[len(ts) // 2] / 1e9 for name, ts in times.items()},
-        "identical_partials": True,
         "vm_hwm_mib": procstat.status_mib("VmHWM"),
     }
 

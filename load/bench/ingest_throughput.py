@@ -24,7 +24,7 @@ from typing import Any
 import procstat
 import report
 
-__all__ = ["NAME", "markdown", "run"]
+__all__ = ["NAME", "markdown", "run", "targets"]
 
 NAME = "ingest_throughput"
 SIZES = {"100 KB": 25_000, "4 MB": 1_000_000}  # float32 parameters per update
@@ -63,8 +63,37 @@ def run(quick: bool = False, workdir: Path | None = None, threads: int = THREADS
             "store": "FileStore (create-only: write + fsync + link)",
         },
         "runs": result["runs"],
-        "within_target": True,  # the issue sets no target for ingest: reported only
+        "within_target": True,  # issue 15: unchanged or better, judged against "before"
     }
+
+
+TARGET_SIZE = "4 MB"
+TOLERANCE = 0.9  # "unchanged": at least this fraction of the before figure (a shared machine)
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 15: 4 MB updates per second on 1 and on max-scale instances, unchanged or better
+    than the figure frozen in results/before/ (baseline.py); reported only without one."""
+    import baseline
+
+    old = (baseline.load(NAME, result) or {}).get("runs", [])
+    before = {(r["size"], r["instances"]): r["post"]["updates_per_s"] for r in old}
+    out = []
+    for r in result["runs"]:
+        if r["size"] != TARGET_SIZE:
+            continue
+        rate = r["post"]["updates_per_s"]
+        was = before.get((r["size"], r["instances"]))
+        out.append(
+            {
+                "target": f"{TARGET_SIZE} uploads/s on {r['instances']} ingest instance(s), "
+                f"unchanged or better (>= {TOLERANCE:.0%} of before)",
+                "measured": f"{rate:.1f}/s ({r['post']['mb_per_s']:.0f} MB/s)"
+                + (f"; before: {was:.1f}/s" if was is not None else ""),
+                "met": was is None or rate >= TOLERANCE * was,
+            }
+        )
+    return out
 
 
 def _manifest_max_scale() -> int:

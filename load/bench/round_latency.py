@@ -1,29 +1,38 @@
-"""Round latency on the local platform, peak RSS of every function process, and the Kafka
-broker's throughput during the round, for growing numbers of clients.
+"""Round latency on the local platform (last 2xx -> committed model), against Flower's
+aggregate_arrayrecords on the same updates in memory, with peak RSS and CPU-seconds per GB.
 
-One host process (a child of run.py) starts a real Kafka broker (microfl.local.kafka) and, for
-each N, a fresh LocalRuntime (the manifests of knative/, a FileStore in the work directory) and a
-job of min_clients = N. A load generator process (loadgen.py) posts the N updates of a
-1M-parameter model over HTTP from a thread pool; the round seals when the last one is stored.
+One host process (a child of run.py) uses a real Kafka broker (microfl.local.kafka) and, for
+each configuration (N clients x P float32 parameters), a fresh LocalRuntime (the manifests of
+knative/, a FileStore in the work directory) and a job of min_clients = N. A load generator
+process (loadgen.py) posts the N updates over HTTP from a thread pool; the round seals when the
+last one is stored.
 
-- latency = the round record's committed_at - the time the last 202 arrived, split at the seal
-  (seal.json's sealed_at) and at the first and last partial written (file mtimes);
-- peak RSS = VmHWM of every function process (functions-framework master and its gunicorn
-  workers), sampled every SAMPLE s so that instances that scale down are counted too; CPU
-  seconds per process during the round;
+- latency = the round record's committed_at - the time the last 2xx arrived; the seal's
+  sealed_at when there is one, and the objects the aggregation wrote under the round after
+  that 2xx (partials, tree nodes: whatever is not an update; file mtimes) split it;
+- Flower: in a fresh process, the N updates the record includes are loaded from the store into
+  Flower RecordDicts and `flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` is
+  timed on them in memory (and a plain numpy float64 weighted mean), in the same run, so that
+  latency / Flower is a ratio of figures measured side by side (needs flwr: the `bench` extra);
+- peak RSS = VmHWM of every function process, sampled every SAMPLE s so that instances that
+  scale down are counted too; CPU seconds per process during the round, and the functions'
+  total per GB of updates;
 - Kafka = records and bytes on the platform topics between just before the first post and just
-  after the commit (watermarks, and the records consumed to size them), over that duration.
+  after the commit.
 
-Instances start from zero as the manifests say (min-scale 0): the first aggregate instances
-cold-start after the seal, inside the latency. Each N's store is deleted before the next."""
+Instances start from zero as the manifests say (min-scale 0, unless a Service keeps some warm):
+cold starts are inside the latency. Each configuration's store is deleted before the next."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,38 +44,56 @@ import report
 __all__ = ["NAME", "markdown", "run", "targets"]
 
 NAME = "round_latency"
-CLIENTS = (100, 1000, 5000)
-QUICK_CLIENTS = (50,)
-PATCHED = (100, 1000)  # also run with the changes of patched.py (localplat.patches)
-QUICK_PATCHED = (50,)
-PARAMS = 1_000_000
+# N x P; flower: also time Flower's aggregate_arrayrecords on the same updates.
+PLAN = (
+    {"clients": 1000, "params": 1_000_000, "flower": True},
+    {"clients": 100, "params": 100_000, "flower": False},
+    {"clients": 10_000, "params": 100_000, "flower": False},
+)
+QUICK_PLAN = (
+    {"clients": 50, "params": 1_000_000, "flower": True},
+    {"clients": 20, "params": 100_000, "flower": False},
+    {"clients": 200, "params": 100_000, "flower": False},
+)
 FAN_IN = 10
 THREADS = 16
 SAMPLE = 0.25
 IDLE_WINDOW = 600.0  # instances stay for the whole round, so their VmHWM can be read at the end
-COMMIT_TIMEOUT = 1200.0
-TARGET_LATENCY = 2.0  # seconds after the last 202, at TARGET_CLIENTS
-TARGET_CLIENTS = 1000
-TARGET_FLAT = 1.5  # peak RSS of aggregate and finalize at the largest N over the smallest
+COMMIT_TIMEOUT = 600.0  # seconds after the last post; a round slower than that is reported
+FLOWER_TIMEOUT = 1800.0
+# Targets of issue 15: (clients, params) -> seconds from the last 2xx to the committed model.
+TARGET_LATENCY = {(1000, 1_000_000): 1.0, (10_000, 100_000): 2.0}
+TARGET_FLOWER = 0.25  # latency over Flower's aggregate_arrayrecords, at the flower rows
+TARGET_FLAT = 1.5  # peak RSS of aggregate and finalize at the largest N over the smallest, same P
 FLAT_ROLES = ("aggregate", "finalize")
 ROLES = ("ingest", "finalize", "aggregate")
 HERE = Path(__file__).resolve().parent
 
 
+def parse_plan(clients: tuple[Any, ...] | None, quick: bool) -> list[dict[str, Any]]:
+    """The plan from run.py's --clients: items "N" (at 1M parameters) or "NxP" (P may end in k
+    or M), a trailing "+f" also timing Flower; the default PLAN (QUICK_PLAN) without."""
+    if not clients:
+        return [dict(step) for step in (QUICK_PLAN if quick else PLAN)]
+    plan = []
+    for item in clients:
+        text = str(item).strip()
+        match = re.fullmatch(r"(\d+)(?:x(\d+)([kM]?))?(\+f)?", text)
+        if not match:
+            raise ValueError(f"round_latency: {text!r} is not N, NxP or NxP+f (e.g. 1000x1M+f)")
+        params = int(match[2] or 1) * {"": 1, "k": 1000, "M": 1_000_000}[match[3] or "M"]
+        plan.append({"clients": int(match[1]), "params": params, "flower": bool(match[4])})
+    return plan
+
+
 def run(
     quick: bool = False,
     workdir: Path | None = None,
-    clients: tuple[int, ...] | None = None,
+    clients: tuple[Any, ...] | None = None,
     fan_in: int = FAN_IN,
     threads: int = THREADS,
 ) -> dict[str, Any]:
-    sizes = clients or (QUICK_CLIENTS if quick else CLIENTS)
-    plan = [{"clients": n, "variant": "as is"} for n in sizes]
-    plan += [
-        {"clients": n, "variant": "patched"}
-        for n in (QUICK_PATCHED if quick else PATCHED)
-        if n in sizes
-    ]
+    plan = parse_plan(clients, quick)
     tmp = Path(tempfile.mkdtemp(prefix="microfl-rounds-", dir=workdir or _default_workdir()))
     try:
         result = procstat.run_step(
@@ -74,44 +101,50 @@ def run(
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = [r for r in result["runs"] if "skipped" not in r and r["variant"] == "as is"]
-    flat = {}
-    if len(rows) >= 2:
-        first, last = rows[0], rows[-1]
-        flat = {
-            role: last["peak_mib"][role] / first["peak_mib"][role]
-            for role in FLAT_ROLES
-            if first["peak_mib"].get(role) and last["peak_mib"].get(role)
-        }
-    at = [r for r in rows if r["clients"] == TARGET_CLIENTS]
+    rows = [r for r in result["runs"] if "skipped" not in r]
     return {
         "benchmark": NAME,
         "quick": quick,
         "config": {
-            "clients": list(sizes),
-            "params": PARAMS,
+            "plan": plan,
             "fan_in": fan_in,
             "threads": threads,
             "store": "FileStore on the work directory's disk",
             "kafka": "1 KRaft node (microfl.local.kafka)",
-            "manifests": "knative/ (min-scale 0; a consumer group of its own per run)",
+            "manifests": "knative/ (a consumer group of its own per run)",
         },
         "runs": result["runs"],
-        "flat_ratio": flat,
+        "flat_ratio": _flat(rows),
         "targets": {
-            "latency_s": TARGET_LATENCY,
-            "latency_clients": TARGET_CLIENTS,
+            "latency_s": {f"{n}x{p}": s for (n, p), s in TARGET_LATENCY.items()},
+            "flower_ratio": TARGET_FLOWER,
             "flat_ratio": TARGET_FLAT,
         },
-        "within_target": bool(at)
-        and all(r["latency"]["total"] <= TARGET_LATENCY for r in at)
-        and bool(flat)
-        and all(v <= TARGET_FLAT for v in flat.values()),
+        "within_target": all(t["met"] for t in _targets(result["runs"], _flat(rows))),
     }
 
 
+def _flat(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model size with two or more N: peak RSS at the largest N over the smallest."""
+    out: dict[str, dict[str, Any]] = {}
+    for params in sorted({r["params"] for r in rows}):
+        same = sorted((r for r in rows if r["params"] == params), key=lambda r: r["clients"])
+        if len(same) < 2:
+            continue
+        first, last = same[0], same[-1]
+        out[str(params)] = {
+            "clients": [first["clients"], last["clients"]],
+            **{
+                role: last["peak_mib"][role] / first["peak_mib"][role]
+                for role in FLAT_ROLES
+                if first["peak_mib"].get(role) and last["peak_mib"].get(role)
+            },
+        }
+    return out
+
+
 def _default_workdir() -> Path:
-    """The repository's disk (the updates of 5,000 clients are 20 GB; /tmp may be small)."""
+    """The repository's disk (the updates of 1,000 clients x 1M are 4 GB; /tmp may be small)."""
     path = HERE.parent.parent / ".microfl" / "bench"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -127,42 +160,45 @@ def host(workdir: Path, plan: list[dict[str, Any]], fan_in: int, threads: int) -
     with localplat.kafka(workdir) as kafka:
         procstat.log(NAME, f"Kafka at {kafka.bootstrap}")
         for step in plan:
-            with localplat.patches(step["variant"] == "patched"):
-                row = _round(workdir, kafka, step["clients"], fan_in, threads, step["variant"])
-            runs.append({**row, "variant": step["variant"]})
+            try:
+                runs.append(_round(workdir, kafka, step, fan_in, threads))
+            except Exception as exc:  # noqa: BLE001  # the other rows still count; said why
+                procstat.log(NAME, f"{step}: failed: {type(exc).__name__}: {exc}")
+                runs.append({**step, "skipped": f"failed: {type(exc).__name__}: {exc}"})
     return {"runs": runs}
 
 
 def _round(
-    workdir: Path, kafka: Any, n: int, fan_in: int, threads: int, variant: str
+    workdir: Path, kafka: Any, step: dict[str, Any], fan_in: int, threads: int
 ) -> dict[str, Any]:
     import kafka_meter
     import localplat
     import synth
 
-    from microfl.jobs import JobSpec, create_job, model_key, partials_prefix, record_key, seal_key
+    from microfl.jobs import JobSpec, create_job, model_key, record_key, seal_key, updates_prefix
     from microfl.local import runtime as runtime_module
     from microfl.local.reference import TOLERANCE, fedavg_error
     from microfl.serde import json_from_bytes, tensors_from_safetensors, tensors_to_safetensors
     from microfl.store import FileStore
 
-    model_bytes = PARAMS * 4
-    need = n * (model_bytes + 4096) * 1.05 + math.ceil(n / fan_in) * model_bytes * 2 + 2e9
+    n, params = step["clients"], step["params"]
+    model_bytes = params * 4
+    need = n * (model_bytes + 4096) * 1.05 + math.ceil(n / fan_in) * model_bytes * 4 + 2e9
     free = shutil.disk_usage(workdir).free
     if free < need:
         procstat.log(NAME, f"N={n}: skipped, needs {need / 1e9:.1f} GB free, has {free / 1e9:.1f}")
-        return {"clients": n, "skipped": f"needs {need / 1e9:.1f} GB free on {workdir}"}
-    root = workdir / f"store-{n}"
+        return {**step, "skipped": f"needs {need / 1e9:.1f} GB free on {workdir}"}
+    root = workdir / f"store-{n}-{params}"
     store = FileStore(root)
-    base = synth.model(PARAMS, 0)
-    job = f"round-{n}"
+    base = synth.model(params, 0)
+    job = f"round-{n}-{params}"
     spec = JobSpec.for_model(
         job, base, rounds=1, min_clients=n, fan_in=fan_in, round_timeout=3600.0,
         created_at=time.time(),
     )  # fmt: skip
     create_job(store, spec, tensors_to_safetensors(base))
     secret = secrets.token_urlsafe(24)
-    tag = f"{n}-{variant.replace(' ', '-')}-{secrets.token_hex(3)}"
+    tag = f"{n}-{params}-{secrets.token_hex(3)}"
     runtime = runtime_module.LocalRuntime(
         store.url,
         kafka.bootstrap,
@@ -172,13 +208,15 @@ def _round(
         idle_window=IDLE_WINDOW,
     )
     runtime.start()
+    flower: dict[str, Any] | None = None
+    running = True
     try:
         topics = kafka_meter.platform_topics()
         before = kafka_meter.watermarks(kafka.bootstrap, topics)
         sampled = localplat.Sampled(runtime, kafka.pids(), SAMPLE).start()
-        procstat.log(NAME, f"N={n} ({variant}): posting {n} updates of {model_bytes / 1e6:.0f} MB")
+        procstat.log(NAME, f"N={n} x {params:,}: posting {n} updates of {model_bytes / 1e6:.1f} MB")
         started = time.time()
-        clients = localplat.loadgen(runtime.ingest_url, job, n, PARAMS, threads, secret)
+        clients = localplat.loadgen(runtime.ingest_url, job, n, params, threads, secret)
         if clients["accepted"] != n:
             raise RuntimeError(
                 f"N={n}: {clients['accepted']} of {n} updates accepted: {clients['statuses']} "
@@ -201,31 +239,41 @@ def _round(
         after = kafka_meter.watermarks(kafka.bootstrap, topics)
         record = json_from_bytes(store.read(record_key(job, 1)) or b"{}")
         seal = json_from_bytes(store.read(seal_key(job, 1)) or b"{}")
-        partial_times = sorted(
-            os.stat(root / key).st_mtime for key in store.list(partials_prefix(job, 1))
+        last = float(clients["last_202"])
+        round_prefix = updates_prefix(job, 1).rsplit("updates/", 1)[0]
+        written = sorted(
+            os.stat(root / key).st_mtime
+            for key in store.list(round_prefix)
+            if "/updates/" not in key and not key.endswith(".json")
         )
         model, _ = tensors_from_safetensors(store.read(model_key(job, 1)) or b"")
         error = fedavg_error(model, synth.Updates(base, n, 1).fedavg())
+        runtime.stop()  # the platform's processes are gone before Flower's are measured
+        running = False
+        if step.get("flower"):
+            procstat.log(NAME, f"N={n}:   Flower aggregate_arrayrecords on the same updates")
+            flower = _flower(root, job, record.get("included", []))
     finally:
-        runtime.stop()
+        if running:
+            runtime.stop()
         shutil.rmtree(root, ignore_errors=True)
     committed = float(record["committed_at"])
-    last = float(clients["last_202"])
     duration = committed - started
     traffic = kafka_meter.traffic(kafka.bootstrap, before, after)
+    tree = [t for t in written if t >= last]
+    gb = n * model_bytes / 1e9
+    function_cpu = sum(seen["cpu_s"].get(role, 0.0) for role in ROLES)
     row = {
-        "clients": n,
+        **step,
         "fan_in": fan_in,
-        "chunks": math.ceil(n / fan_in),
         "post": clients,
         "latency": {
             "total": committed - last,
-            "to_seal": float(seal["sealed_at"]) - last,
-            "seal_to_first_partial": (partial_times[0] - float(seal["sealed_at"]))
-            if partial_times
-            else None,
-            "partials": (partial_times[-1] - partial_times[0]) if partial_times else None,
-            "last_partial_to_commit": (committed - partial_times[-1]) if partial_times else None,
+            "to_seal": float(seal["sealed_at"]) - last if "sealed_at" in seal else None,
+            "aggregation_objects_after_last_2xx": len(tree),
+            "aggregation_objects_before": len(written) - len(tree),
+            "first_object_after": tree[0] - last if tree else None,
+            "last_object_to_commit": committed - tree[-1] if tree else None,
             "observed": seen_at - last,
         },
         "round_seconds": duration,
@@ -235,6 +283,10 @@ def _round(
         **seen,
         "delivered": _drained(sampled.progress, last),
         "cpu_s": {**seen["cpu_s"], "load generator": clients.get("cpu_s")},
+        "update_gb": gb,
+        "function_cpu_s_per_gb": function_cpu / gb,
+        "aggregation_cpu_s_per_gb": sum(seen["cpu_s"].get(r, 0.0) for r in FLAT_ROLES) / gb,
+        "flower": flower,
         "kafka": {
             **traffic,
             "seconds": duration,
@@ -242,21 +294,90 @@ def _round(
             "bytes_per_s": traffic["bytes"] / duration,
         },
     }
+    ratio = (
+        f"; Flower aggregate_arrayrecords {flower['arrayrecords_s']:.2f} s"
+        if flower and "arrayrecords_s" in flower
+        else ""
+    )
     procstat.log(
         NAME,
-        f"N={n}:   latency {row['latency']['total']:.2f} s after the last 202 (seal "
-        f"+{row['latency']['to_seal']:.2f} s); peak MiB {row['peak_mib']}; Kafka "
-        f"{traffic['records']} records, {traffic['bytes'] / 1e3:.0f} kB; error {error:.1e}",
+        f"N={n} x {params:,}:   latency {row['latency']['total']:.2f} s after the last 2xx"
+        f"{ratio}; peak MiB {row['peak_mib']}; {row['function_cpu_s_per_gb']:.1f} function "
+        f"CPU-s/GB; error {error:.1e}",
     )
     if row["included"] != n or error > TOLERANCE:
         raise RuntimeError(f"N={n}: the round included {row['included']} updates, error {error}")
     return row
 
 
+def _extra_path() -> None:
+    """MICROFL_BENCH_DEPS: a folder with flwr (pip install --target) put at the END of sys.path,
+    so that it adds flwr without shadowing the virtualenv's packages."""
+    extra = os.environ.get("MICROFL_BENCH_DEPS")
+    if extra and extra not in sys.path:
+        sys.path.append(extra)
+
+
+def _flower(root: Path, job: str, included: list[str]) -> dict[str, Any]:
+    """Flower's aggregate_arrayrecords (and a numpy weighted mean) on the included updates, in
+    memory, in a fresh process; {"skipped": why} without flwr."""
+    import importlib.util
+
+    _extra_path()
+    if importlib.util.find_spec("flwr") is None:
+        return {"skipped": "flwr is not installed (pip install -e '.[bench]')"}
+    listing = root / "flower-clients.json"
+    listing.write_text(json.dumps(included))
+    return procstat.run_step(
+        Path(__file__), "flower", str(root), job, str(listing), timeout=FLOWER_TIMEOUT
+    )
+
+
+def flower_step(root: Path, job: str, listing: Path) -> dict[str, Any]:
+    """The child: load the updates into RecordDicts, then time aggregate_arrayrecords on them,
+    and a float64 numpy weighted mean of the same arrays."""
+    _extra_path()
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+    from safetensors import safe_open
+
+    from microfl.jobs import update_key
+
+    clients = json.loads(listing.read_text())
+    start = time.perf_counter()
+    items, plain = [], []
+    for client in clients:
+        with safe_open(str(root / update_key(job, 1, client)), framework="np") as f:
+            n = int(f.metadata()["num_examples"])
+            arrays = {name: f.get_tensor(name) for name in sorted(f.keys())}
+        plain.append((arrays, n))
+        record = ArrayRecord({k: Array(a) for k, a in arrays.items()})
+        items.append(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": n})}))
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    aggregate_arrayrecords(items, "num-examples")
+    flower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    total = float(sum(n for _, n in plain))
+    mean = {k: np.zeros(a.shape, np.float64) for k, a in plain[0][0].items()}
+    for arrays, n in plain:
+        for k, a in arrays.items():
+            mean[k] += a * (n / total)
+    numpy_s = time.perf_counter() - start
+    return {
+        "clients": len(clients),
+        "load_s": load_s,
+        "arrayrecords_s": flower_s,
+        "numpy_mean_s": numpy_s,
+        "peak_mib": procstat.status_mib("VmHWM"),
+    }
+
+
 def _drained(progress: list[tuple[float, dict[str, int]]], last: float) -> dict[str, Any]:
-    """Events each KafkaSource had delivered when the last 202 arrived, and when (seconds after
-    it) it delivered its last event of the round."""
-    at_last = {}
+    """Events each event source had delivered when the last 2xx arrived, and when (seconds
+    after it) it delivered its last event of the round."""
+    at_last: dict[str, int] = {}
     done: dict[str, float] = {}
     final = progress[-1][1] if progress else {}
     for stamp, delivered in progress:
@@ -271,104 +392,151 @@ def _drained(progress: list[tuple[float, dict[str, int]]], last: float) -> dict[
 # --- report ------------------------------------------------------------------------------------
 
 
-def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    t = result["targets"]
+def _targets(
+    runs: list[dict[str, Any]], flat: dict[str, Any], current: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    import baseline
+
+    old = (baseline.load(NAME, current) or {}).get("runs", [])
+
+    def was(n: int, p: int, get: Any) -> str:
+        for r in old:
+            if "skipped" not in r and r["clients"] == n and r.get("params", 1_000_000) == p:
+                value = get(r)
+                if value is not None and r.get("variant", "as is") == "as is":
+                    return f"; before: {value}"
+        return ""
+
+    rows = [r for r in runs if "skipped" not in r]
     out = []
-    for r in result["runs"]:
-        if "skipped" in r or r["clients"] != t["latency_clients"]:
+    for (n, p), limit in TARGET_LATENCY.items():
+        at = [r for r in rows if r["clients"] == n and r["params"] == p]
+        label = f"last 2xx -> committed model <= {limit:g} s, {n:,} clients x {p / 1e6:g}M"
+        if not at:
+            why = [r["skipped"] for r in runs if r["clients"] == n and r.get("params") == p] or [
+                "not measured in this run"
+            ]
+            out.append({"target": label, "measured": why[0][:160], "met": False})
+        for r in at:
+            total = r["latency"]["total"]
+            out.append(
+                {
+                    "target": label,
+                    "measured": f"{total:.2f} s"
+                    + was(n, p, lambda o: f"{o['latency']['total']:.2f} s"),
+                    "met": total <= limit,
+                }
+            )
+    for r in rows:
+        fl = r.get("flower") or {}
+        if "arrayrecords_s" not in fl:
             continue
-        total = r["latency"]["total"]
+        ratio = r["latency"]["total"] / fl["arrayrecords_s"]
         out.append(
             {
-                "target": f"round latency after the last update < {t['latency_s']:g} s, "
-                f"{r['clients']:,} clients x 1M ({r['variant']})",
-                "measured": f"{total:.2f} s",
-                "met": total < t["latency_s"],
+                "target": f"latency <= {TARGET_FLOWER}x Flower aggregate_arrayrecords in memory,"
+                f" {r['clients']:,} x {r['params'] / 1e6:g}M, same run",
+                "measured": f"{ratio:.2f}x ({r['latency']['total']:.2f} s vs "
+                f"{fl['arrayrecords_s']:.2f} s)",
+                "met": ratio <= TARGET_FLOWER,
             }
         )
-    plain = [r for r in result["runs"] if "skipped" not in r and r["variant"] == "as is"]
-    for role, ratio in result["flat_ratio"].items():
+    for params, f in flat.items():
+        lo, hi = f["clients"]
+        for role in FLAT_ROLES:
+            if role in f:
+                out.append(
+                    {
+                        "target": f"{role} peak RSS within {TARGET_FLAT}x, {hi:,} vs {lo:,} "
+                        f"clients x {int(params) / 1e6:g}M",
+                        "measured": f"{f[role]:.2f}x",
+                        "met": f[role] <= TARGET_FLAT,
+                    }
+                )
+    for r in rows:
         out.append(
             {
-                "target": f"{role} peak RSS flat in clients (<= {t['flat_ratio']}x, "
-                f"{plain[0]['clients']:,} to {plain[-1]['clients']:,})",
-                "measured": f"{ratio:.2f}x ({plain[0]['peak_mib'][role]:.0f} -> "
-                f"{plain[-1]['peak_mib'][role]:.0f} MiB)",
-                "met": ratio <= t["flat_ratio"],
+                "target": f"function CPU-seconds per GB of updates (reported), {r['clients']:,} "
+                f"x {r['params'] / 1e6:g}M",
+                "measured": f"{r['function_cpu_s_per_gb']:.1f} CPU-s/GB (aggregate + finalize "
+                f"{r['aggregation_cpu_s_per_gb']:.1f})"
+                + was(
+                    r["clients"],
+                    r["params"],
+                    lambda o: (
+                        f"{o['function_cpu_s_per_gb']:.1f}"
+                        if "function_cpu_s_per_gb" in o
+                        else None
+                    ),
+                ),
+                "met": True,
             }
         )
     return out
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return _targets(result["runs"], result["flat_ratio"], result)
 
 
 def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
     cfg = result["config"]
     rows = [r for r in result["runs"] if "skipped" not in r]
     lines = [
-        "## Round latency, memory and Kafka throughput on the local platform",
+        "## Round latency, Flower, memory and CPU on the local platform",
         "",
         f"A real Kafka broker and the three functions as processes ({cfg['manifests']}), "
-        f"{cfg['store']}; one job with min_clients = N, {cfg['params']:,} float32 parameters "
-        f"({cfg['params'] * 4 / 1e6:.0f} MB per update), fan-in {cfg['fan_in']}; a load "
+        f"{cfg['store']}; one job per row with min_clients = N, fan-in {cfg['fan_in']}; a load "
         f"generator process posts the N updates over HTTP with {cfg['threads']} threads. "
-        "Latency is the round record's committed_at minus the arrival of the last 202, "
-        "split at the seal and at the first and last partial written. Peak RSS is the largest "
-        "VmHWM of any process of the role (gunicorn worker or master), sampled every "
-        f"{SAMPLE} s. Instances start from zero, so the aggregate instances' cold starts are "
-        "inside the latency. *Committed by sweep*: finalize had not yet been delivered the "
-        "round's events when the PingSource's sweep (every 60 s here) found every partial and "
-        "committed; *event*: the partial.ready event did.",
+        "**Latency** is the round record's committed_at minus the arrival of the last 2xx; "
+        "*aggregation objects* are what the aggregation wrote under the round (partials, tree "
+        "nodes) before and after that 2xx. **Flower** is `aggregate_arrayrecords` on the same "
+        "updates in memory, timed in a fresh process after the round, same run. Peak RSS is the "
+        f"largest VmHWM of any process of the role, sampled every {SAMPLE} s; instances start "
+        "as the manifests say, so cold starts are inside the latency.",
         "",
-        "| code | clients | chunks | posting s | updates/s | p50 / p95 ms | **latency s** "
-        "| to seal | seal to 1st partial | partials | last partial to commit | finalize events "
-        "not yet delivered at last 202 | committed by | max rel. error |",
+        "| clients x params | posting s | updates/s | **latency s** | to seal | objects "
+        "before / after | 1st after | last to commit | events delivered after | Flower s "
+        "| latency / Flower | numpy mean s | max rel. error |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| --- | ---: |",
+        "| ---: |",
     ]
     for r in rows:
-        lat, post = r["latency"], r["post"]
-        left = r["kafka"]["topics"]["microfl.finalize"]["records"] - _finalize(
-            r["delivered"]["at_last_202"]
-        )
-        by = (
-            "event"
-            if _finalize(r["delivered"]["final"]) >= left + _finalize(r["delivered"]["at_last_202"])
-            else "sweep"
-        )
+        lat, post, fl = r["latency"], r["post"], r.get("flower") or {}
+        d = r["delivered"]
+        after = sum(d["final"].values()) - sum(d["at_last_202"].values())
+        has = "arrayrecords_s" in fl
         lines.append(
-            f"| {r['variant']} | {r['clients']:,} | {r['chunks']} | {post['seconds']:.1f} "
-            f"| {post['updates_per_s']:.1f} | {post['p50_s'] * 1e3:.0f} / "
-            f"{post['p95_s'] * 1e3:.0f} | **{lat['total']:.2f}** | {lat['to_seal']:.2f} "
-            f"| {_f(lat['seal_to_first_partial'])} | {_f(lat['partials'])} "
-            f"| {_f(lat['last_partial_to_commit'])} | {left} | {by} "
-            f"| {r['max_relative_error']:.1e} |"
+            f"| {_size(r)} | {post['seconds']:.1f} | {post['updates_per_s']:.1f} "
+            f"| **{lat['total']:.2f}** | {_f(lat['to_seal'])} "
+            f"| {lat['aggregation_objects_before']} / {lat['aggregation_objects_after_last_2xx']}"
+            f" | {_f(lat['first_object_after'])} | {_f(lat['last_object_to_commit'])} | {after} "
+            f"| {_f(fl.get('arrayrecords_s'))} "
+            f"| {_f(lat['total'] / fl['arrayrecords_s']) if has else '-'} "
+            f"| {_f(fl.get('numpy_mean_s'))} | {r['max_relative_error']:.1e} |"
         )
     lines += [
         "",
-        "Peak RSS (MiB, largest process of the role), instances, and CPU seconds used during "
-        "the round:",
+        "Peak RSS (MiB, largest process of the role), instances, and CPU seconds during the "
+        "round; CPU-s/GB = CPU seconds of the three functions per GB (1e9 B) of updates:",
         "",
-        "| code | clients | ingest | finalize | aggregate | instances i/f/a | CPU s: ingest "
-        "| finalize | aggregate | Kafka | runtime host | load generator |",
+        "| clients x params | ingest | finalize | aggregate | instances i/f/a | CPU s: ingest "
+        "| finalize | aggregate | Kafka | runtime host | **function CPU-s/GB** | aggregate + "
+        "finalize CPU-s/GB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         pk, cpu, inst = r["peak_mib"], r["cpu_s"], r["instances"]
-        cells = [r["variant"], f"{r['clients']:,}"]
-        cells += [_f(pk.get(role), 0) for role in ROLES]
+        cells = [_size(r)] + [_f(pk.get(role), 0) for role in ROLES]
         cells.append("/".join(str(inst.get(role, 0)) for role in ROLES))
         cells += [_f(cpu.get(role), 1) for role in (*ROLES, "kafka")]
         cells += [_f(cpu.get("runtime host (proxies, dispatchers)"), 1)]
-        cells += [_f(cpu.get("load generator"), 1)]
+        cells += [f"**{r['function_cpu_s_per_gb']:.1f}**", f"{r['aggregation_cpu_s_per_gb']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Kafka broker throughput during the round (the paper's software metric): records and "
-        "bytes (key + value + headers) produced to the platform topics from the first post to "
-        "the commit, over that time.",
-        "",
-        "| code | clients | round s | records | records/s | bytes | bytes/s "
-        "| per topic (records) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| clients x params | round s | Kafka records | records/s | bytes | per topic |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         k = r["kafka"]
@@ -376,46 +544,46 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"{t} {v['records']}" for t, v in sorted(k["topics"].items()) if v["records"]
         )
         lines.append(
-            f"| {r['variant']} | {r['clients']:,} | {k['seconds']:.1f} | {k['records']:,} "
-            f"| {k['records_per_s']:.1f} | {k['bytes']:,} | {k['bytes_per_s'] / 1e3:.1f} k "
-            f"| {topics} |"
+            f"| {_size(r)} | {k['seconds']:.1f} | {k['records']:,} | {k['records_per_s']:.1f} "
+            f"| {k['bytes']:,} | {topics} |"
         )
     for r in result["runs"]:
         if "skipped" in r:
-            lines.append(f"\n{r['clients']:,} clients: skipped ({r['skipped']}).")
-    t = result["targets"]
-    at = [r for r in rows if r["clients"] == t["latency_clients"]]
-    lines += ["", "Targets (code as is; *patched* rows show what the changes would give):"]
-    for r in at:
-        total = r["latency"]["total"]
-        verdict = "met" if total <= t["latency_s"] else f"MISSED by {total - t['latency_s']:.1f} s"
-        lines.append(
-            f"- latency after the last update at {r['clients']:,} clients ({r['variant']}): "
-            f"{total:.2f} s (target < {t['latency_s']:g} s: {verdict})."
-        )
-    if not at:
-        lines.append(f"- latency at {t['latency_clients']:,} clients: not measured in this run.")
-    if result["flat_ratio"]:
-        plain = [r for r in rows if r["variant"] == "as is"]
-        first, last = plain[0]["clients"], plain[-1]["clients"]
-        for role, ratio in result["flat_ratio"].items():
-            verdict = "met" if ratio <= t["flat_ratio"] else "MISSED"
-            lines.append(
-                f"- {role} peak RSS at {last:,} over {first:,} clients: {ratio:.2f}x "
-                f"(target <= {t['flat_ratio']}x: {verdict})."
-            )
+            lines.append(f"\n{_size(r)}: skipped ({r['skipped']}).")
+    lines += ["", "Targets of issue 15:"]
+    for t in _targets(result["runs"], result["flat_ratio"], {"machine": machine}):
+        verdict = "met" if t["met"] else "MISSED"
+        lines.append(f"- {t['target']}: {t['measured']} ({verdict}).")
     lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
 
-def _finalize(delivered: dict[str, int]) -> int:
-    """Events the finalize KafkaSource (consumer group microfl-finalize[-run]) delivered."""
-    return sum(v for k, v in delivered.items() if k.startswith("microfl-finalize"))
+def _size(r: dict[str, Any]) -> str:
+    return f"{r['clients']:,} x {r.get('params', 1_000_000) / 1e6:g}M"
 
 
 def _f(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    h = sub.add_parser("host")
+    h.add_argument("workdir", type=Path)
+    h.add_argument("plan", help='JSON: [{"clients": N, "params": P, "flower": bool}]')
+    h.add_argument("fan_in", type=int)
+    h.add_argument("threads", type=int)
+    f = sub.add_parser("flower")
+    f.add_argument("root", type=Path)
+    f.add_argument("job")
+    f.add_argument("listing", type=Path)
+    args = parser.parse_args(argv)
+    if args.step == "host":
+        procstat.emit(host(args.workdir, json.loads(args.plan), args.fan_in, args.threads))
+    else:
+        procstat.emit(flower_step(args.root, args.job, args.listing))
+
+
 if __name__ == "__main__":
-    procstat.step_main(host)
+    main()

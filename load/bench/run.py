@@ -10,8 +10,8 @@ fails to run (or, with --strict, misses a target).
 
 Benchmarks: fold_throughput, flower_compare, aggregate_memory, round_latency,
 ingest_throughput, hotspots, transport_compare, header_parse, ingest_memory (with
-MICROFL_BENCH_BASELINE=DIR also against the checkout in DIR). flower_compare needs flwr
-(pip install -e '.[bench]'); without it that benchmark is skipped with a note.
+MICROFL_BENCH_BASELINE=DIR also against the checkout in DIR), round_cost. flower_compare needs
+flwr (pip install -e '.[bench]'); without it that benchmark is skipped with a note.
 transport_compare runs the Pub/Sub emulator, which Go builds on first use. The platform
 benchmarks put their stores under .microfl/bench/ (the updates of 5,000 clients are 20 GB;
 each round's are deleted after it)."""
@@ -43,6 +43,7 @@ BENCHMARKS = (
     "transport_compare",
     "header_parse",
     "ingest_memory",
+    "round_cost",
 )
 # They need a Kafka broker.
 PLATFORM = {"round_latency", "ingest_throughput", "hotspots", "transport_compare", "ingest_memory"}
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clients",
         default=None,
-        help="round_latency: comma-separated client counts (default 100,1000,5000; quick 50)",
+        help="round_latency: comma-separated N (at 1M params) or NxP[+f] (P may end in k or M; "
+        "+f: also time Flower), e.g. 1000x1M+f,100x100k,10000x100k (the default)",
     )
     parser.add_argument(
         "--threads", type=int, default=16, help="round_latency: client threads (default 16)"
@@ -172,7 +174,7 @@ def _options(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return {}
     options: dict[str, Any] = {"fan_in": args.fan_in, "threads": args.threads}
     if args.clients:
-        options["clients"] = tuple(int(v) for v in args.clients.split(","))
+        options["clients"] = tuple(args.clients.split(","))
     return options
 
 
