@@ -16,21 +16,18 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import procstat
 
-from microfl.local import runtime as runtime_module
 from microfl.local.dispatcher import Dispatcher
 from microfl.local.procs import repo_root
 from microfl.local.push import PushDispatcher
 from microfl.local.runtime import LocalRuntime
-from microfl.local.serving import ServiceRunner
 
-__all__ = ["Sampled", "edit_manifests", "kafka", "loadgen", "patches"]
+__all__ = ["Sampled", "edit_manifests", "kafka", "loadgen"]
 
 HERE = Path(__file__).resolve().parent
 SCALE = "autoscaling.knative.dev/"
@@ -79,23 +76,6 @@ def kafka(workdir: Path) -> Any:
         yield cluster
     finally:
         cluster.stop()
-
-
-@contextmanager
-def patches(enabled: bool) -> Any:
-    """With enabled, every function instance of the runtimes started inside runs the changes
-    of patched.py (source patched_main.py)."""
-    if not enabled:
-        yield
-        return
-    runner = runtime_module.ServiceRunner
-    runtime_module.ServiceRunner = partial(  # type: ignore[misc]
-        ServiceRunner, source=HERE / "patched_main.py"
-    )
-    try:
-        yield
-    finally:
-        runtime_module.ServiceRunner = runner  # type: ignore[misc]
 
 
 class Sampled:

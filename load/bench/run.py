@@ -9,7 +9,7 @@ fails to run (or, with --strict, misses a target).
     python load/bench/run.py --report-only   README.md again from the JSON files
 
 Benchmarks: fold_throughput, flower_compare, aggregate_memory, round_latency,
-ingest_throughput, hotspots, transport_compare, header_parse, ingest_memory (with
+ingest_throughput, transport_compare, header_parse, ingest_memory (with
 MICROFL_BENCH_BASELINE=DIR also against the checkout in DIR), round_cost. flower_compare needs
 flwr (pip install -e '.[bench]'); without it that benchmark is skipped with a note.
 transport_compare runs the Pub/Sub emulator, which Go builds on first use. The platform
@@ -39,14 +39,13 @@ BENCHMARKS = (
     "aggregate_memory",
     "round_latency",
     "ingest_throughput",
-    "hotspots",
     "transport_compare",
     "header_parse",
     "ingest_memory",
     "round_cost",
 )
 # They need a Kafka broker.
-PLATFORM = {"round_latency", "ingest_throughput", "hotspots", "transport_compare", "ingest_memory"}
+PLATFORM = {"round_latency", "ingest_throughput", "transport_compare", "ingest_memory"}
 
 
 def main(argv: list[str] | None = None) -> int:
