@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from microfl.jobs import JobSpec, create_job, load_job, model_key, update_key
+from microfl.jobs import JobSpec, create_job, load_job, model_key
+from microfl.rounds import update_key
 from microfl.serde import tensors_to_safetensors
 from microfl.store import FileStore, ObjectStore
 from microfl.tokens import issue_token

@@ -25,11 +25,12 @@ import requests
 from fl import SECRET, auth, healthy_run, make_model, make_updates, new_job, update_bytes
 from microfl import events
 from microfl.errors import ERROR_TABLE, Unauthorized, http_error
-from microfl.jobs import job_key, record_key, update_key
+from microfl.jobs import job_key
 from microfl.local.instance import FunctionProcess
 from microfl.local.procs import HOST, free_port
 from microfl.logs import JsonFormatter
 from microfl.pushauth import PushAuth
+from microfl.rounds import record_key, update_key
 from microfl.serde import Event, event_to_http
 from microfl.store import FileStore
 

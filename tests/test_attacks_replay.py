@@ -38,19 +38,11 @@ from google.cloud import storage
 from fl import SECRET, auth, make_model, make_updates, new_job, update_bytes
 from microfl import events, finalize, handlers
 from microfl.errors import ConfigError
-from microfl.jobs import (
-    JobSpec,
-    Seal,
-    create_job,
-    job_key,
-    load_job,
-    model_key,
-    seal_key,
-    update_key,
-)
+from microfl.jobs import JobSpec, create_job, job_key, load_job, model_key
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.procs import HOST
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import Seal, seal_key, update_key
 from microfl.serde import Event, tensors_to_safetensors
 from microfl.store import FileStore, GcsStore
 from test_rounds_inprocess import (

@@ -34,12 +34,10 @@ from microfl.jobs import (
     load_job,
     model_key,
     optimizer_key,
-    partial_key,
-    record_key,
-    update_key,
     validate_update,
 )
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import partial_key, record_key, update_key
 from microfl.serde import json_to_bytes, tensors_from_safetensors, tensors_to_safetensors
 from microfl.store import FileStore
 from microfl.strategy import FedAdam, fold, mean_of, merge

@@ -13,14 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from fl import SECRET, make_model, make_updates, new_job, post_all, reference
-from microfl.jobs import (
-    JobSpec,
-    create_job,
-    model_key,
-    partial_key,
-    record_key,
-)
+from microfl.jobs import JobSpec, create_job, model_key
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import partial_key, record_key
 from microfl.serde import json_from_bytes, tensors_to_safetensors
 from microfl.store import FileStore
 

@@ -50,8 +50,8 @@ from hostile_payloads import (
     sign,
     valid_update,
 )
-from microfl.jobs import update_key, updates_prefix
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import update_key, updates_prefix
 from microfl.serde import tensors_to_safetensors
 from microfl.store import FileStore
 from microfl.tokens import issue_token, valid_id
