@@ -80,7 +80,7 @@ def healthy_run(store: ObjectStore, job: str, r: int = 1) -> None:
 
     bus = MemoryBus()
     b = Backends(store, bus, SECRET.encode())
-    finalize.seal(b, load_job(store, job), r, trigger="reference")
+    finalize.seal(b, load_job(store, job), r, trigger="reference", listing=True)
     while bus.events:
         topic, event, _ = bus.events.pop(0)
         if topic == "microfl.aggregate":

@@ -219,8 +219,8 @@ def test_event_functions_log_json_lines_with_job_round_and_event_id(edges: Edges
     healthy = new_job(edges.store, make_model(), min_clients=10)
     broken = "job-broken-spec"
     (edges.store.root / job_key(broken)).mkdir(parents=True)  # its spec cannot be read
-    done = events.update_accepted(healthy, 1, "site-1")
-    failed = events.update_accepted(broken, 1, "site-1")
+    done = events.update_accepted(healthy, 1, "site-1", 0)
+    failed = events.update_accepted(broken, 1, "site-1", 0)
     poison = Event(events.UPDATE_ACCEPTED, "/test", "poison-1", {"round": 1})
 
     assert post_event(edges.finalize, done).status_code == 200

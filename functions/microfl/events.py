@@ -53,10 +53,11 @@ def _event(kind: str, job: str, r: int, what: str, subject: str, **data: object)
     )
 
 
-def update_accepted(job: str, r: int, client: str, slot: int) -> Event:
-    """The update holds tree position `slot` of round r."""
+def update_accepted(job: str, r: int, client: str, slot: int | None = None) -> Event:
+    """The update holds tree position `slot` of round r (None: it has none, as before slots)."""
+    extra = {} if slot is None else {"slot": slot}
     return _event(
-        UPDATE_ACCEPTED, job, r, f"update/{client}", f"/updates/{client}", client=client, slot=slot
+        UPDATE_ACCEPTED, job, r, f"update/{client}", f"/updates/{client}", client=client, **extra
     )
 
 

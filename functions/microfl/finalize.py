@@ -172,6 +172,7 @@ def _request(
                 continue
             attempt += 1
         if rounds.request(r, level, j, attempt, b.clock()):
+            failpoint("finalize.after_request")  # requested, unpublished: the sweep resends
             wanted.append(events.partial_requested(rounds.job, r, level, j, attempt))
     if wanted:
         b.bus.publish(wanted, key=rounds.job)

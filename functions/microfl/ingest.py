@@ -151,6 +151,7 @@ def _store_update(
             "cannot be changed"
         )
     slot = rounds.claim_slot(r, client) if created else None
+    failpoint("ingest.after_slot")
     _settle(rounds, r, client)
     if slot is None:
         # A replay publishes nothing, so a flood of them makes no work. If the instance that
