@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from microfl.jobs import JobSpec, create_job, load_job, model_key, update_key
+from microfl.jobs import JobSpec, create_job, load_job, model_key
 from microfl.local.reference import fedavg, fedavg_mismatch
+from microfl.rounds import update_key
 from microfl.serde import tensors_to_safetensors
 from microfl.store import FileStore, ObjectStore
 from microfl.tokens import issue_token
@@ -89,7 +90,7 @@ def healthy_run(store: ObjectStore, job: str, r: int = 1) -> None:
 
     bus = MemoryBus()
     b = Backends(store, bus, SECRET.encode())
-    finalize.seal(b, load_job(store, job), r, trigger="reference")
+    finalize.seal(b, load_job(store, job), r, trigger="reference", listing=True)
     while bus.events:
         topic, event, _ = bus.events.pop(0)
         if topic == "microfl.aggregate":

@@ -27,12 +27,13 @@ import requests
 from hostile_payloads import sign
 from microfl.backends import backends_from_env, check_env
 from microfl.errors import ConfigError, Unauthorized
-from microfl.jobs import JobSpec, create_job, revoked_key, update_key
+from microfl.jobs import JobSpec, create_job, revoked_key
 from microfl.local import cli
 from microfl.local.instance import FunctionProcess
 from microfl.local.manifests import load_documents
 from microfl.local.procs import HOST, free_port, spawn, stop_process
 from microfl.pushauth import PushAuth
+from microfl.rounds import update_key
 from microfl.serde import tensors_to_safetensors
 from microfl.store import FileStore
 from microfl.tokens import issue_token, key_id, secret_from_env, verify_token

@@ -25,11 +25,12 @@ import requests
 from fl import SECRET, auth, healthy_run, make_model, make_updates, new_job, update_bytes
 from microfl import events
 from microfl.errors import ERROR_TABLE, Unauthorized, http_error
-from microfl.jobs import job_key, record_key, update_key
+from microfl.jobs import job_key
 from microfl.local.instance import FunctionProcess
 from microfl.local.procs import HOST, free_port
 from microfl.logs import JsonFormatter
 from microfl.pushauth import PushAuth
+from microfl.rounds import record_key, update_key
 from microfl.serde import Event, event_to_http
 from microfl.store import FileStore
 
@@ -218,8 +219,8 @@ def test_event_functions_log_json_lines_with_job_round_and_event_id(edges: Edges
     healthy = new_job(edges.store, make_model(), min_clients=10)
     broken = "job-broken-spec"
     (edges.store.root / job_key(broken)).mkdir(parents=True)  # its spec cannot be read
-    done = events.update_accepted(healthy, 1, "site-1")
-    failed = events.update_accepted(broken, 1, "site-1")
+    done = events.update_accepted(healthy, 1, "site-1", 0)
+    failed = events.update_accepted(broken, 1, "site-1", 0)
     poison = Event(events.UPDATE_ACCEPTED, "/test", "poison-1", {"round": 1})
 
     assert post_event(edges.finalize, done).status_code == 200

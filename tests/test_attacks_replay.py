@@ -38,19 +38,11 @@ from google.cloud import storage
 from fl import SECRET, auth, make_model, make_updates, new_job, update_bytes
 from microfl import events, finalize, handlers
 from microfl.errors import ConfigError
-from microfl.jobs import (
-    JobSpec,
-    Seal,
-    create_job,
-    job_key,
-    load_job,
-    model_key,
-    seal_key,
-    update_key,
-)
+from microfl.jobs import JobSpec, create_job, job_key, load_job, model_key
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.procs import HOST
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import Seal, claim_key, seal_key, slot_key, update_key
 from microfl.serde import Event, tensors_to_safetensors
 from microfl.store import FileStore, GcsStore
 from test_rounds_inprocess import (
@@ -149,7 +141,8 @@ def test_a_replay_flood_over_http_publishes_no_event_and_writes_nothing(ingest: 
     # publish returns once the broker has the record, so what the answers caused is on the topic
     assert records_for(ingest.bootstrap, "microfl.finalize", job) == 2, "one event per update"
     after = stored(ingest.store, job)
-    assert set(after) == set(before) | {update_key(job, 1, b)}
+    new = {update_key(job, 1, b), slot_key(job, 1, 1), claim_key(job, 1, b)}
+    assert set(after) == set(before) | new, "the new update and its tree slot, nothing else"
     assert {k: after[k] for k in before} == before, "a replay wrote to the store"
 
 
@@ -181,13 +174,16 @@ def test_the_client_whose_event_sealed_the_round_cannot_make_it_request_partials
     p.create(model, rounds=1, min_clients=3, fan_in=1)
     ups = client_updates(model, ["c0", "c1", "c2"], 11)
     announced = {}
+    requested = []
     for c in ups:  # each update's event delivered before the next upload: c2's seals
         assert p.post(1, c, body(*ups[c]))[0] == 202
-        ((topic, event),) = p.take()
+        queue = p.take()
+        requested += of_type(queue, events.PARTIAL_REQUESTED)
+        ((topic, event),) = [(t, e) for t, e in queue if e.type == events.UPDATE_ACCEPTED]
         announced[c] = (topic, event)
         p.deliver(topic, event)
-    requested = of_type(p.take(), events.PARTIAL_REQUESTED)
-    assert len(requested) == 3, "the seal by c2's event requests each partial once"
+    requested += of_type(p.take(), events.PARTIAL_REQUESTED)
+    assert sorted(e.data["node"] for e in requested) == [0, 1, 2], "each leaf requested once"
 
     # the partials are in flight (or lost); c2 floods: nothing is published
     for _ in range(REPLAYS):
@@ -204,7 +200,7 @@ def test_the_client_whose_event_sealed_the_round_cannot_make_it_request_partials
     # the partials were lost: only the sweep asks again, once per missing partial
     p.ping(T0 + 1 + finalize.RESEND_AFTER + 1)
     again = p.take()
-    assert sorted(e.data["chunk"] for e in of_type(again, events.PARTIAL_REQUESTED)) == [0, 1, 2]
+    assert sorted(e.data["node"] for e in of_type(again, events.PARTIAL_REQUESTED)) == [0, 1, 2]
     p.bus.events.extend((t, e, JOB) for t, e in again)
     p.drain()
     record = p.record(1)

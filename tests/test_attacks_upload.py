@@ -27,8 +27,8 @@ import requests
 from fl import SECRET, auth, new_job
 from hostile_payloads import entry, model, safetensors_file
 from microfl.errors import InvalidUpdate
-from microfl.jobs import update_key, updates_prefix
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import update_key, updates_prefix
 from microfl.serde import tensors_from_safetensors, tensors_from_safetensors_file
 from microfl.store import FileStore
 from test_serde import ESCAPING, MALFORMED

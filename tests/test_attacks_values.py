@@ -24,6 +24,7 @@ import requests
 
 from fl import SECRET, assert_fedavg, auth, new_job, update_bytes
 from microfl.errors import ConfigError, SchemaMismatch
+from microfl.exactsum import ExactSum
 from microfl.jobs import (
     DEFAULT_MAX_EXAMPLES,
     MAX_EXAMPLES,
@@ -33,19 +34,18 @@ from microfl.jobs import (
     load_job,
     model_key,
     optimizer_key,
-    partial_key,
-    record_key,
-    update_key,
     validate_update,
 )
 from microfl.local import cli
 from microfl.local.reference import fedavg
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import record_key, update_key
 from microfl.serde import json_to_bytes, tensors_from_safetensors, tensors_to_safetensors
 from microfl.store import FileStore
 from microfl.strategy import FedAdam, fold, mean_of, merge
 from test_rounds_inprocess import (  # the in-process harness and its fixtures
     JOB,
+    T0,
     Platform,
     apps,  # noqa: F401
     body,
@@ -255,10 +255,13 @@ def test_poisoned_stored_update_is_excluded_by_aggregate(
     for c, (u, n) in updates.items():
         assert p.post(1, c, body(u, n))[0] == 202
     p.drain()
+    p.ping(T0 + 2)  # "m" has no tree slot: the sweep's listing finds the quorum
+    p.drain()
     record = p.record(1)
     assert record is not None and record["included"] == ["a", "b"]
     [excluded] = record["excluded"]
-    assert excluded["client"] == "m" and "magnitude above 1e+150" in excluded["reason"]
+    assert excluded["client"] == "m" and "stored update is invalid" in excluded["reason"]
+    assert "has a value of 1e+308" in excluded["reason"]
     got = p.model(1)
     assert all_finite(got)
     assert_fedavg(got, updates)
@@ -267,23 +270,24 @@ def test_poisoned_stored_update_is_excluded_by_aggregate(
 def test_non_finite_aggregate_keeps_the_previous_model_and_the_job_goes_on(
     tmp_path: Path,
     apps: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Partials whose float64 sum overflows (written to storage directly: no client can make
-    them any more) reach finalize's last-line guard: round 1 commits model 0 unchanged, lists
-    every update as excluded with the reason, and round 2 opens and commits."""
+    """A round mean that is not finite (exact sums make one unreachable from client input, so
+    the sum's finish is made to return Inf) reaches finalize's last-line guard: round 1 commits
+    model 0 unchanged, lists every update as excluded with the reason, and round 2 opens and
+    commits."""
     model = f64_model(3)
     p = Platform(tmp_path, apps)
     p.create(model, rounds=2, min_clients=2, fan_in=1)
     updates = honest(model, ["a", "b"], seed=3)
     for c, (u, n) in updates.items():
         assert p.post(1, c, body(u, n))[0] == 202
-    for topic, event in p.take():  # seal, leaving the partial.requested events queued
-        p.deliver(topic, event)
-    for c, chunk in (("a", 0), ("b", 1)):  # what aggregate would write, poisoned
-        poisoned = {"w": np.full((4, 3), 1e308), "b": np.zeros(3)}
-        meta = {"examples": json.dumps([[c, 1]]), "excluded": "[]", "num_examples": "1"}
-        assert p.store.create(partial_key(JOB, 1, chunk), tensors_to_safetensors(poisoned, meta))
+    finish = ExactSum.finish
+    monkeypatch.setattr(
+        ExactSum, "finish", lambda self, w=None: {k: v * np.inf for k, v in finish(self, w).items()}
+    )
     p.drain()
+    monkeypatch.undo()
 
     record = p.record(1)
     assert record is not None

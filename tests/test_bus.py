@@ -220,8 +220,8 @@ def new_job() -> str:
 def one_of_each(job: str, r: int = 1) -> list[Event]:
     return [
         events.update_accepted(job, r, "client-a"),
-        events.partial_requested(job, r, 0),
-        events.partial_ready(job, r, 0),
+        events.partial_requested(job, r, 0, 0),
+        events.partial_ready(job, r, 0, 0),
         events.round_committed(job, r),
     ]
 
@@ -276,7 +276,7 @@ class TestEventBus:
         for r in range(1, 4):
             for job in jobs:
                 batch = [events.update_accepted(job, r, f"c{i}") for i in range(5)]
-                batch.append(events.partial_ready(job, r, 0))
+                batch.append(events.partial_ready(job, r, 0, 0))
                 harness.bus.publish(batch, key=job)
                 sent[job] += batch
         got = harness.stored("microfl.finalize", set(jobs), sum(map(len, sent.values())))

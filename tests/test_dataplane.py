@@ -18,8 +18,9 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from fl import SECRET, assert_fedavg, auth, make_model, make_updates, new_job, update_bytes
-from microfl.jobs import model_key, record_key, updates_prefix
+from microfl.jobs import model_key
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import record_key, updates_prefix
 from microfl.serde import json_from_bytes, tensors_from_safetensors, tensors_to_safetensors
 from microfl.store import GcsStore
 

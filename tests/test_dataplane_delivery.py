@@ -15,9 +15,10 @@ import pytest
 import requests
 
 from fl import SECRET, auth, make_model, make_updates, new_job, post_all, reference, update_bytes
-from microfl.jobs import model_key, record_key
+from microfl.jobs import model_key
 from microfl.local.proxies import EventChaosProxy
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import record_key
 from microfl.serde import json_from_bytes
 from microfl.store import FileStore
 

@@ -43,7 +43,7 @@ from hostile_ingest import (
     with_examples,
 )
 from hostile_payloads import FAMILIES, MAX_U64, Family, sign, valid_update
-from microfl.jobs import update_key, updates_prefix
+from microfl.rounds import update_key, updates_prefix
 from microfl.tokens import issue_token, valid_id
 from raw_http import raw_request
 

@@ -240,14 +240,14 @@ def test_service_answers_as_knative_expects(started: Started) -> None:
     # A well-formed event reaches the store named by MICROFL_STORE (a 500 would mean the
     # environment is incomplete).
     if started.target == "aggregate":
-        data = {"job": "no-such-job", "round": 1, "chunk": 0}
+        data = {"job": "no-such-job", "round": 1, "level": 0, "node": 0}
         answer = requests.post(
             url + "/",
             data=json.dumps(data),
             timeout=30,
             headers=cloudevent(events.PARTIAL_REQUESTED),
         )
-        assert answer.status_code == 400 and "not sealed" in answer.text, answer.text
+        assert answer.status_code == 400 and "no job" in answer.text, answer.text
     else:
         answer = requests.post(url + "/", data=b"{}", timeout=30, headers=cloudevent(events.PING))
         assert answer.status_code == 200, answer.text

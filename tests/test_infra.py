@@ -241,24 +241,27 @@ def condition(tf: dict[str, Any], function: str) -> Any:
 
 
 def test_iam_conditions_grant_exactly_each_functions_writes(tf: dict[str, Any]) -> None:
-    """Against the object keys of functions/microfl/jobs.py: a new kind of object, or a function
-    writing another's, fails here until iam.tf grants it."""
-    from microfl import jobs
+    """Against the object keys of functions/microfl/jobs.py and rounds.py: a new kind of object,
+    or a function writing another's, fails here until iam.tf grants it."""
+    from microfl import jobs, rounds
 
     keys = {
         "job": jobs.job_key("mnist"),
         "model": jobs.model_key("mnist", 3),
         "optimizer": jobs.optimizer_key("mnist", 3),
-        "update": jobs.update_key("mnist", 2, "hospital-7"),
-        "closing": jobs.closing_key("mnist", 2),
-        "seal": jobs.seal_key("mnist", 2),
-        "partial": jobs.partial_key("mnist", 2, 0),
-        "record": jobs.record_key("mnist", 2),
+        "update": rounds.update_key("mnist", 2, "hospital-7"),
+        "slot": rounds.slot_key("mnist", 2, 7),
+        "claim": rounds.claim_key("mnist", 2, "hospital-7"),
+        "closing": rounds.closing_key("mnist", 2),
+        "seal": rounds.seal_key("mnist", 2),
+        "request": rounds.request_key("mnist", 2, 1, 0, 0),
+        "node": rounds.node_key("mnist", 2, 0, 3),
+        "record": rounds.record_key("mnist", 2),
     }
     writes = {
-        "ingest": {"update"},
-        "aggregate": {"partial"},
-        "finalize": {"closing", "seal", "model", "optimizer", "record"},
+        "ingest": {"update", "slot", "claim"},
+        "aggregate": {"node", "claim"},
+        "finalize": {"closing", "seal", "request", "model", "optimizer", "record"},
     }
     for function, allowed in writes.items():
         granted = condition(tf, function)

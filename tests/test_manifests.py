@@ -57,7 +57,7 @@ def test_shipped_platform() -> None:
     platform = load_platform(KNATIVE)
     assert {s.function: s for s in platform.services} == {
         "ingest": ServiceSpec("microfl-ingest", "ingest", 0, 10, 50.0, 100, 60),
-        "aggregate": ServiceSpec("microfl-aggregate", "aggregate", 0, 4, 1.0, 1, 300),
+        "aggregate": ServiceSpec("microfl-aggregate", "aggregate", 1, 4, 1.0, 1, 300),
         "finalize": ServiceSpec("microfl-finalize", "finalize", 0, 2, 4.0, 8, 300),
     }
     sources = {s.name: s for s in platform.sources}

@@ -117,7 +117,7 @@ def test_pubsub_bus_sends_each_event_as_a_binary_cloudevent_push(
             }
         )
         sent = [events.update_accepted("job-a", 1, f"c{i}") for i in range(5)]
-        sent.append(events.partial_ready("job-a", 1, 0))
+        sent.append(events.partial_ready("job-a", 1, 0, 0))
         bus.publish(sent, key="job-a")
         got: list[Any] = []
         while len(got) < len(sent):

@@ -17,7 +17,8 @@ from microfl import finalize, ingest
 from microfl.backends import Backends
 from microfl.bus import MemoryBus
 from microfl.errors import RoundNotOpen
-from microfl.jobs import JobSpec, Seal, closing_key, load_job, seal_key, update_key
+from microfl.jobs import JobSpec, load_job
+from microfl.rounds import Seal, closing_key, seal_key, update_key
 from microfl.serde import json_to_bytes
 from microfl.store import FileStore
 from microfl.tokens import issue_token

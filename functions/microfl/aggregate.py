@@ -1,74 +1,179 @@
-"""The aggregate service: one chunk of a sealed round folded into a partial weighted sum.
+"""The aggregate service: one node of a round's aggregation tree, written once, create-only.
 
-Memory holds the float64 accumulator and one update at a time, whatever the round's size."""
+A leaf (level 0) folds the updates of fan_in tree positions into an exact sum (exactsum), while
+the round is still filling or after its seal; an inner node merges at most fan_in nodes of the
+level below. Memory holds the accumulator and at most fan_in updates (or nodes), whatever the
+round's size, and no invocation reads more than fan_in objects besides the base model."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from microfl import events
 from microfl.backends import Backends
-from microfl.errors import MicroFLError, PoisonEvent
+from microfl.errors import JobNotFound, MicroFLError, PoisonEvent, Unavailable
+from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
-from microfl.jobs import Seal, load_job, partial_key, seal_key, update_key, validate_update
-from microfl.serde import Event, json_to_bytes, tensors_from_safetensors, tensors_to_safetensors
-from microfl.strategy import fold
+from microfl.jobs import JobSpec, check_model, load_job, validate_update
+from microfl.rounds import Rounds, Seal, branch
+from microfl.serde import (
+    Event,
+    PartialMeta,
+    partial_from_safetensors,
+    partial_to_safetensors,
+    tensors_from_safetensors,
+)
 
-__all__ = ["compute_partial", "handle"]
+__all__ = ["build_node", "fold_updates", "handle"]
+
+SEAL_WAIT = 10.0  # seconds a leaf's builder waits for a seal in progress before answering 503
+GROUP = 8  # updates folded together, block by block (exactsum.fold_many)
 
 
 def handle(b: Backends, event: Event) -> None:
     if event.type != events.PARTIAL_REQUESTED:
         raise PoisonEvent(f"aggregate takes {events.PARTIAL_REQUESTED}, not {event.type}")
-    job, r, chunk = _fields(event)
-    compute_partial(b, job, r, chunk)
-
-
-def _fields(event: Event) -> tuple[str, int, int]:
     try:
-        return str(event.data["job"]), int(event.data["round"]), int(event.data["chunk"])
+        job, r = str(event.data["job"]), int(event.data["round"])
+        level, node = int(event.data["level"]), int(event.data["node"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise PoisonEvent(f"event {event.id}: data needs job, round and chunk ({exc})") from None
+        raise PoisonEvent(
+            f"event {event.id}: data needs job, round, level and node ({exc})"
+        ) from None
+    try:
+        spec = load_job(b.store, job)
+    except JobNotFound as exc:
+        raise PoisonEvent(str(exc)) from None
+    build_node(b, spec, r, level, node)
 
 
-def compute_partial(b: Backends, job: str, r: int, chunk: int) -> None:
-    key = partial_key(job, r, chunk)
-    if not b.store.exists(key):
-        sealed = b.store.read(seal_key(job, r))
-        if sealed is None:
-            raise PoisonEvent(f"round {r} of job {job!r} is not sealed; nothing to aggregate")
-        seal = Seal.from_bytes(sealed)
-        if not 0 <= chunk < seal.chunks:
-            raise PoisonEvent(f"round {r} has {seal.chunks} chunks, not chunk {chunk}")
-        b.store.create(key, _partial_bytes(b, job, r, seal.chunk(chunk)))
+def build_node(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
+    """Write node (level, j) of round r unless it exists, then announce it."""
+    rounds = Rounds(b.store, spec)
+    if level < 0 or j < 0:
+        raise PoisonEvent(f"round {r} has no node {j} at level {level}")
+    if not rounds.node_exists(r, level, j):
+        base = _base(rounds, spec, r)
+        acc = ExactSum(base, max_weight=spec.max_examples)
+        if level == 0:
+            meta = fold_updates(acc, spec, _read_members(rounds, r, _leaf_members(rounds, r, j)))
+        else:
+            meta = _merge_children(rounds, acc, base, r, level, j)
+        rounds.create_node(r, level, j, partial_to_safetensors(acc.to_arrays(), meta))
         failpoint("aggregate.after_partial")
-    b.bus.publish([events.partial_ready(job, r, chunk)], key=job)
+    b.bus.publish([events.partial_ready(spec.job, r, level, j)], key=spec.job)
 
 
-def _partial_bytes(b: Backends, job: str, r: int, clients: tuple[str, ...]) -> bytes:
-    spec = load_job(b.store, job)
-    acc = None
-    examples: list[list] = []
-    excluded: list[list] = []
-    for client in clients:
-        data = b.store.read(update_key(job, r, client))
-        if data is None:
-            excluded.append([client, "update object is missing from storage"])
-            continue
-        try:
-            tensors, metadata = tensors_from_safetensors(data)
-            n = validate_update(spec, tensors, metadata)
-        except MicroFLError as exc:
-            excluded.append([client, f"stored update is invalid: {exc}"])
-            continue
-        acc = fold(acc, tensors, float(n))
-        examples.append([client, n])
+def fold_updates(
+    acc: ExactSum, spec: JobSpec, members: Sequence[tuple[str, bytes | None]]
+) -> PartialMeta:
+    """The partial-sum step, pure: (client, stored bytes or None) in position order folded into
+    acc, GROUP at a time; what went in and what was left out, and why."""
+    examples: list[tuple[str, int]] = []
+    excluded: list[tuple[str, str]] = []
+    for start in range(0, len(members), GROUP):
+        loaded: list[tuple[str, Mapping[str, np.ndarray], int]] = []
+        for client, data in members[start : start + GROUP]:
+            if data is None:
+                excluded.append((client, "update object is missing from storage"))
+                continue
+            try:
+                tensors, metadata = tensors_from_safetensors(data)
+                n = validate_update(spec, tensors, metadata, values=False)
+            except MicroFLError as exc:
+                excluded.append((client, f"stored update is invalid: {exc}"))
+                continue
+            loaded.append((client, tensors, n))
+        refused = dict(acc.fold_many([t for _, t, _ in loaded], [n for _, _, n in loaded]))
+        for i, (client, _, n) in enumerate(loaded):
+            if i in refused:
+                excluded.append((client, f"stored update is invalid: {refused[i]}"))
+            else:
+                examples.append((client, n))
         failpoint("aggregate.mid_fold")
-    if acc is None:  # every update of the chunk excluded: an empty sum
-        acc = {t.name: np.zeros(t.shape, dtype=np.float64) for t in spec.schema}
-    metadata = {
-        "examples": json_to_bytes(examples).decode(),
-        "excluded": json_to_bytes(excluded).decode(),
-        "num_examples": str(sum(n for _, n in examples)),
-    }
-    return tensors_to_safetensors(acc, metadata)
+    return PartialMeta(tuple(examples), tuple(excluded))
+
+
+def _base(rounds: Rounds, spec: JobSpec, r: int) -> dict[str, np.ndarray]:
+    """Model r-1: its tensors fix the exact sum's grid, the same in every function."""
+    data = rounds.model(r - 1)
+    if data is None:
+        raise PoisonEvent(f"job {spec.job!r} has no model version {r - 1}; round {r} never opened")
+    return tensors_from_safetensors(check_model(spec, r - 1, data))[0]
+
+
+def _leaf_members(rounds: Rounds, r: int, j: int) -> list[str]:
+    """The clients leaf j counts, in position order. Before the seal: read the K slots, THEN
+    look for the closing marker; if there is none, every slot (and so its update) was written
+    before the sealer's listing, which therefore includes them all. Otherwise the seal decides."""
+    k = rounds.spec.fan_in
+    seal = rounds.seal(r)
+    slots: dict[int, str | None] = {}
+    if seal is None:
+        slots = {p: rounds.slot_client(r, p) for p in range(j * k, (j + 1) * k)}
+        free = [p for p, c in slots.items() if c is None]
+        if free:
+            raise PoisonEvent(
+                f"leaf {j} of round {r} has free slots {free}; it is requested once full or sealed"
+            )
+        for p, client in slots.items():  # the seal lists these claims: none goes to its tail
+            rounds.note_claim(r, str(client), p)
+        if not rounds.is_closing(r):
+            return [str(c) for c in slots.values()]
+        seal = _wait_for_seal(rounds, r)
+    tree = seal.tree
+    if not tree.sizes or j >= tree.sizes[0]:
+        raise PoisonEvent(f"round {r} was sealed with {tree.sizes[:1] or [0]} leaves, not {j + 1}")
+    members = []
+    for p in tree.positions_of(j):
+        on_slot = (slots[p] if p in slots else rounds.slot_client(r, p)) if p < seal.slots else None
+        client = seal.member(p, on_slot)
+        if client is not None:
+            members.append(client)
+    return members
+
+
+def _wait_for_seal(rounds: Rounds, r: int) -> Seal:
+    deadline = time.monotonic() + SEAL_WAIT
+    while (seal := rounds.seal(r)) is None:
+        if time.monotonic() > deadline:
+            raise Unavailable(f"round {r} is being sealed; its leaves wait for the seal")
+        time.sleep(0.05)
+    return seal
+
+
+def _read_members(rounds: Rounds, r: int, clients: list[str]) -> list[tuple[str, bytes | None]]:
+    return [(c, rounds.read_update(r, c)) for c in clients]
+
+
+def _merge_children(
+    rounds: Rounds, acc: ExactSum, base: Mapping[str, np.ndarray], r: int, level: int, j: int
+) -> PartialMeta:
+    """Node (level, j) from its children, which finalize saw written before requesting it:
+    all `branch` of them before the seal, the sealed tree's (fewer at its right edge) after."""
+    seal = rounds.seal(r)
+    f = branch(rounds.spec.fan_in)
+    children = range(j * f, (j + 1) * f)
+    if seal is not None:
+        sizes = seal.tree.sizes
+        if level < len(sizes) and j < sizes[level]:
+            children = seal.tree.children(level, j)
+    meta = PartialMeta()
+    for c in children:
+        data = rounds.node(r, level - 1, c)
+        if data is None:
+            raise PoisonEvent(
+                f"node {c} of level {level - 1} of round {r} is missing; node {j} of level "
+                f"{level} is requested again once it exists"
+            )
+        arrays, part = partial_from_safetensors(data)
+        acc.merge(
+            ExactSum.from_arrays(
+                base, arrays, len(part.examples), part.weight, max_weight=acc.max_weight
+            )
+        )
+        meta += part
+    return meta

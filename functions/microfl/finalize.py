@@ -1,9 +1,14 @@
-"""The finalize service: seal a round on quorum or deadline, commit it once all partials exist,
-and sweep for work whose events were lost (the scheduled ping)."""
+"""The finalize service: request the tree's nodes as their inputs appear, seal a round on quorum
+or deadline, commit it from the top of its tree, and sweep for work whose events were lost.
+
+Every request goes through a create-only marker (Rounds.request), so one publisher per node and
+attempt: duplicated events make no duplicate work. No event handler lists anything; the seal and
+the scheduled sweep list a round's keys once."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -11,37 +16,25 @@ import numpy as np
 from microfl import events
 from microfl.backends import Backends
 from microfl.errors import JobNotFound, PoisonEvent
+from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
-from microfl.jobs import (
-    JobSpec,
-    Seal,
-    check_model,
-    closing_key,
-    latest_version,
-    load_job,
-    model_key,
-    open_round,
-    optimizer_key,
-    partial_key,
-    partials_prefix,
-    record_key,
-    round_opened_at,
-    seal_key,
-    updates_prefix,
-)
+from microfl.jobs import JobSpec, check_model, load_job, model_key, optimizer_key
+from microfl.rounds import Rounds, Seal, branch
 from microfl.serde import (
     Event,
-    json_from_bytes,
-    json_to_bytes,
+    PartialMeta,
+    partial_from_safetensors,
     tensors_from_safetensors,
     tensors_to_safetensors,
 )
-from microfl.strategy import make_strategy, mean_of, merge
+from microfl.strategy import make_strategy
 
-__all__ = ["SWEEP_TRIGGER", "client_trigger", "commit", "handle", "seal", "sweep"]
+__all__ = ["RESEND_AFTER", "SWEEP_TRIGGER", "client_trigger", "commit", "handle", "seal", "sweep"]
 
 LOG = logging.getLogger(__name__)
-RESEND_AFTER = 10.0  # seconds a sealed round may wait for a partial before it is requested again
+# Seconds before the sweep requests a node again; doubled at every further attempt, so a long
+# queue of requests costs a few resends, not one per sweep.
+RESEND_AFTER = 10.0
 # Seal.trigger labels. Client ids never contain ':' (tokens.valid_id), so "client:<id>" and
 # "internal:<what>" cannot collide, whatever a client is called (a client named "sweep" included).
 SWEEP_TRIGGER = "internal:sweep"
@@ -59,117 +52,198 @@ def handle(b: Backends, event: Event) -> None:
         raise PoisonEvent(f"finalize does not take events of type {event.type}")
     try:
         job, r = str(event.data["job"]), int(event.data["round"])
+        if event.type == events.UPDATE_ACCEPTED:
+            slot = event.data.get("slot")
+            where = (None if slot is None else int(slot), 0)
+        else:
+            where = (int(event.data["level"]), int(event.data["node"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise PoisonEvent(f"event {event.id}: data needs job and round ({exc})") from None
+        raise PoisonEvent(f"event {event.id}: data needs job, round and its node ({exc})") from None
     try:
         spec = load_job(b.store, job)
     except JobNotFound as exc:
         raise PoisonEvent(str(exc)) from None
     if event.type == events.UPDATE_ACCEPTED:
-        seal(b, spec, r, trigger=client_trigger(str(event.data.get("client", ""))))
+        on_update(b, spec, r, str(event.data.get("client", "")), where[0])
     else:
-        commit(b, spec, r)
+        on_partial(b, spec, r, *where)  # type: ignore[arg-type]
+
+
+def on_update(b: Backends, spec: JobSpec, r: int, client: str, slot: int | None) -> None:
+    """An update holds `slot`: request its leaf once the leaf's last slot is taken (slots are a
+    prefix, so that is one exists call), then seal the round if it is due."""
+    rounds = Rounds(b.store, spec)
+    if rounds.seal(r) is not None or not 1 <= r <= spec.rounds:
+        return  # the seal's writer requested the rest; the sweep repairs what it could not
+    if not b.store.exists(model_key(spec.job, r - 1)):
+        return
+    k = spec.fan_in
+    if slot is not None and rounds.slot_exists(r, (slot // k + 1) * k - 1):
+        _request(b, rounds, r, [(0, slot // k)], resend=False)
+    seal(b, spec, r, client_trigger(client), slot=slot)
+
+
+def on_partial(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
+    """Node (level, j) exists: request its parent once all the parent's children exist, or
+    commit when it is at the top of the sealed tree."""
+    rounds = Rounds(b.store, spec)
+    if rounds.has_record(r):
+        return
+    sealed = rounds.seal(r)
+    f = branch(spec.fan_in)
+    siblings: Iterable[int] = range(j // f * f, (j // f + 1) * f)
+    if sealed is not None:
+        sizes = sealed.tree.sizes
+        if level >= len(sizes) - 1:
+            if level == len(sizes) - 1:
+                commit(b, spec, r)
+            return
+        siblings = sealed.tree.children(level + 1, j // f)
+    if all(rounds.node_exists(r, level, s) for s in siblings):
+        _request(b, rounds, r, [(level + 1, j // f)], resend=False)
 
 
 def seal(
-    b: Backends, spec: JobSpec, r: int, trigger: str, resend_after: float | None = None
+    b: Backends, spec: JobSpec, r: int, trigger: str, slot: int | None = None, listing: bool = False
 ) -> Seal | None:
-    """Seal round r if it is open and has quorum or is past its deadline, and request its
-    partials. The call that creates the seal requests them once; partials still missing (that
-    instance may have died before publishing) are requested again only by the sweep,
-    resend_after seconds after the seal. Every other event, a redelivery of the very event that
-    sealed the round included, leaves a sealed round alone, so no event multiplies the work."""
-    job = spec.job
-    existing = b.store.read(seal_key(job, r))
-    created = False
-    if existing is None:
-        if open_round(spec, latest_version(b.store, job)) != r:
+    """Seal round r if it is open and has quorum or is past its deadline (or a sealer decided
+    and died), then request what the tree still lacks. Only the call that writes the seal
+    requests; later calls leave a sealed round to the events and the sweep."""
+    rounds = Rounds(b.store, spec)
+    sealed = rounds.seal(r)
+    if sealed is not None:
+        return sealed
+    reason = rounds.closing(r)
+    if reason is None:
+        if not rounds.is_open(r):
             return None
-        closing = b.store.read(closing_key(job, r))
-        if closing is None:
-            reason = _seal_reason(b, spec, r)
-            if reason is None:
-                return None
-            # The decision first: uploads that land after it wait for the seal to see if they
-            # made it, so no upload is told 202 and then left out.
-            b.store.create(closing_key(job, r), json_to_bytes({"reason": reason}))
-            failpoint("finalize.after_closing")
-            closing = b.store.read(closing_key(job, r)) or json_to_bytes({"reason": reason})
-        clients = [k.rsplit("/", 1)[1] for k in b.store.list(updates_prefix(job, r))]
-        reason = json_from_bytes(closing)["reason"]
-        candidate = Seal(r, tuple(sorted(clients)), spec.fan_in, reason, b.clock(), trigger)
-        existing = candidate.to_bytes()
-        created = b.store.create(seal_key(job, r), existing)
-        failpoint("finalize.after_seal")
-        if not created:
-            existing = b.store.read(seal_key(job, r)) or existing
-    sealed = Seal.from_bytes(existing)
-    if b.store.exists(record_key(job, r)):
-        return sealed
-    swept = resend_after is not None and b.clock() - sealed.sealed_at >= resend_after
-    if not (created or swept):
-        return sealed
-    done = set(b.store.list(partials_prefix(job, r)))
-    wanted = [
-        events.partial_requested(job, r, c)
-        for c in range(sealed.chunks)
-        if partial_key(job, r, c) not in done
-    ]
-    if wanted:
-        b.bus.publish(wanted, key=job)
-    elif swept:
-        commit(b, spec, r, announce=True)
+        reason = _seal_reason(b, rounds, r, slot, listing)
+        if reason is None:
+            return None
+        # The decision first: uploads that land after it wait for the seal to see if they
+        # made it, so no upload is told 202 and then left out.
+        reason = rounds.create_closing(r, reason)
+        failpoint("finalize.after_closing")
+    clients = rounds.update_clients(r)  # after the marker: every update it lets in is here
+    claimed = rounds.claimed_clients(r)  # after the updates: every claim listed has its slot...
+    slots = rounds.slot_count(r)  # ...below this count
+    tail = tuple(c for c in clients if c not in claimed)
+    candidate = Seal(r, tuple(clients), spec.fan_in, reason, b.clock(), trigger, slots, tail)
+    sealed, created = rounds.create_seal(candidate)
+    failpoint("finalize.after_seal")
+    if created:
+        _advance(b, rounds, sealed, resend=False)
     return sealed
 
 
-def _seal_reason(b: Backends, spec: JobSpec, r: int) -> str | None:
-    """Why round r should seal now ("quorum" or "deadline"), or None."""
-    count = len(b.store.list(updates_prefix(spec.job, r)))
-    if count >= spec.min_clients:
-        return "quorum"
-    opened = round_opened_at(b.store, spec, r)
-    if count and opened is not None and b.clock() >= opened + spec.round_timeout:
+def _seal_reason(
+    b: Backends, rounds: Rounds, r: int, slot: int | None, listing: bool
+) -> str | None:
+    """Why round r should seal now ("quorum" or "deadline"), or None. Quorum is looked at only
+    once slot Q-1 is taken (then one listing confirms it); the sweep lists anyway."""
+    spec = rounds.spec
+    q = spec.min_clients
+    count: int | None = None
+    if listing or (slot is not None and slot >= q - 1) or rounds.slot_exists(r, q - 1):
+        count = len(rounds.update_clients(r))
+        if count >= q:
+            return "quorum"
+    opened = rounds.opened_at(r)
+    if opened is None or b.clock() < opened + spec.round_timeout:
+        return None
+    if slot is not None or (count if count is not None else len(rounds.update_clients(r))):
         return "deadline"
     return None
 
 
+def _request(
+    b: Backends, rounds: Rounds, r: int, nodes: Iterable[tuple[int, int]], resend: bool
+) -> None:
+    """Publish partial.requested for each node whose marker this call writes: attempt 0 if it
+    was never requested; with resend, the next attempt once the last is old enough."""
+    latest = rounds.requests(r) if resend else {}
+    wanted = []
+    for level, j in nodes:
+        attempt = 0
+        if (level, j) in latest:
+            attempt = latest[(level, j)]
+            at = rounds.requested_at(r, level, j, attempt)
+            if at is not None and b.clock() - at < RESEND_AFTER * 2**attempt:
+                continue
+            attempt += 1
+        if rounds.request(r, level, j, attempt, b.clock()):
+            failpoint("finalize.after_request")  # requested, unpublished: the sweep resends
+            wanted.append(events.partial_requested(rounds.job, r, level, j, attempt))
+    if wanted:
+        b.bus.publish(wanted, key=rounds.job)
+
+
+def _advance(b: Backends, rounds: Rounds, sealed: Seal | None, resend: bool, r: int = 0) -> None:
+    """Request every node that is missing and whose inputs exist (one listing of the nodes):
+    the sealed tree's, or before the seal the nodes over full leaves; commit a complete tree."""
+    k, f = rounds.spec.fan_in, branch(rounds.spec.fan_in)
+    children: Callable[[int, int], Iterable[int]]
+    if sealed is not None:
+        r, tree = sealed.round, sealed.tree
+        sizes = tree.sizes
+        children = tree.children
+        if not sizes:
+            commit(b, rounds.spec, r, announce=resend)
+            return
+    else:
+        sizes = [rounds.slot_count(r) // k]
+        while sizes[-1] >= f:
+            sizes.append(sizes[-1] // f)
+        children = lambda level, j: range(j * f, (j + 1) * f)  # noqa: E731
+    built = rounds.nodes(r)
+    if sealed is not None and all((len(sizes) - 1, j) in built for j in range(sizes[-1])):
+        commit(b, rounds.spec, r, announce=resend)
+        return
+    wanted = [
+        (level, j)
+        for level, n in enumerate(sizes)
+        for j in range(n)
+        if (level, j) not in built
+        and (level == 0 or all((level - 1, c) in built for c in children(level, j)))
+    ]
+    _request(b, rounds, r, wanted, resend)
+
+
 def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
-    """Combine the partials of sealed round r into model r, once; True when r is committed.
-    round.committed is announced by the call that writes the record (or when asked)."""
+    """Merge the top of sealed round r's tree (at most fan_in nodes) into model r, once; True
+    when r is committed. round.committed is announced by the call that writes the record (or
+    when asked)."""
     job = spec.job
-    sealed = b.store.read(seal_key(job, r))
+    rounds = Rounds(b.store, spec)
+    sealed = rounds.seal(r)
     if sealed is None:
         return False
-    seal_doc = Seal.from_bytes(sealed)
-    keys = [partial_key(job, r, c) for c in range(seal_doc.chunks)]
-    present = set(b.store.list(partials_prefix(job, r)))
-    if not all(k in present for k in keys):
-        return False
-    if not b.store.exists(record_key(job, r)):
-        total = None
-        weight = 0
-        examples: dict[str, int] = {}
-        excluded: list[dict[str, str]] = []
-        for key in keys:  # one partial in memory at a time, in chunk order (deterministic)
-            data = b.store.read(key)
+    if not rounds.has_record(r):
+        sizes = sealed.tree.sizes
+        top = [(len(sizes) - 1, j) for j in range(sizes[-1])] if sizes else []
+        if not all(rounds.node_exists(r, *node) for node in top):
+            return False
+        current = tensors_from_safetensors(check_model(spec, r - 1, _model(rounds, r - 1)))[0]
+        total = ExactSum(current, max_weight=spec.max_examples)
+        meta = PartialMeta()
+        for node in top:  # one node in memory at a time besides the sum
+            data = rounds.node(r, *node)
             if data is None:
                 return False
-            tensors, meta = tensors_from_safetensors(data)
-            with np.errstate(over="ignore"):  # an overflow is caught in _write_model
-                total = merge(total, tensors)
+            arrays, part = partial_from_safetensors(data)
+            total.merge(
+                ExactSum.from_arrays(
+                    current, arrays, len(part.examples), part.weight, max_weight=spec.max_examples
+                )
+            )
+            meta += part
             failpoint("finalize.mid_combine")
-            weight += int(meta["num_examples"])
-            examples.update(dict(json_from_bytes(meta["examples"].encode())))
-            excluded += [
-                {"client": c, "reason": why}
-                for c, why in json_from_bytes(meta["excluded"].encode())
-            ]
-        late = sorted(
-            {k.rsplit("/", 1)[1] for k in b.store.list(updates_prefix(job, r))}
-            - set(seal_doc.clients)
-        )
+        examples = dict(meta.examples)
+        excluded = [{"client": c, "reason": why} for c, why in meta.excluded]
+        late = sorted(set(rounds.update_clients(r)) - set(sealed.clients))
         excluded += [{"client": c, "reason": f"arrived after round {r} was sealed"} for c in late]
-        if weight > 0 and total is not None and not _write_model(b, spec, r, total, weight):
+        weight = meta.weight
+        if weight > 0 and not _write_model(b, spec, r, current, total.finish(weight)):
             why = (
                 f"the aggregate of round {r} is not finite (NaN or Inf after the "
                 f"{spec.strategy} update); round {r} keeps model {r - 1}"
@@ -187,33 +261,37 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
             "examples": examples,
             "num_examples": weight,
             "excluded": sorted(excluded, key=lambda e: e["client"]),
-            "sealed_reason": seal_doc.reason,
+            "sealed_reason": sealed.reason,
             "strategy": spec.strategy,
             "committed_at": b.clock(),
         }
-        announce = b.store.create(record_key(job, r), json_to_bytes(record)) or announce
+        announce = rounds.create_record(r, record) or announce
         failpoint("finalize.after_record")
     if announce:
         b.bus.publish([events.round_committed(job, r)], key=job)
     return True
 
 
-def _write_model(b: Backends, spec: JobSpec, r: int, total: dict, weight: int) -> bool:
-    """Write model r (and its optimiser state) from the round's sum; False, writing nothing,
+def _model(rounds: Rounds, version: int) -> bytes:
+    data = rounds.model(version)
+    if data is None:
+        raise JobNotFound(f"job {rounds.job!r} has no model version {version}")
+    return data
+
+
+def _write_model(
+    b: Backends, spec: JobSpec, r: int, current: dict[str, np.ndarray], mean: dict
+) -> bool:
+    """Write model r (and its optimiser state) from the round's mean; False, writing nothing,
     when the mean, the next model or its state holds NaN or Inf (invariant 8: never commit
     one). Deterministic, so every retry decides alike."""
     job = spec.job
-    current_bytes = b.store.read(model_key(job, r - 1))
-    if current_bytes is None:
-        raise JobNotFound(f"job {job!r} has no model version {r - 1}")
-    current, _ = tensors_from_safetensors(check_model(spec, r - 1, current_bytes))
     state = None
     if spec.strategy != "fedavg" and r > 1:
         saved = b.store.read(optimizer_key(job, r - 1))
         state = tensors_from_safetensors(saved)[0] if saved else None
     strategy = make_strategy(spec.strategy, spec.strategy_options)
     with np.errstate(all="ignore"):  # overflow is judged below, not warned about
-        mean = mean_of(total, weight)
         model, new_state = strategy.server_update(current, mean, state)
     if not all(_finite(t) for t in (mean, model, new_state or {})):
         return False
@@ -236,23 +314,26 @@ def _carry_over(b: Backends, spec: JobSpec, r: int) -> None:
     state = b.store.read(optimizer_key(job, r - 1))
     if state is not None:
         b.store.create(optimizer_key(job, r), state)
-    previous = b.store.read(model_key(job, r - 1))
-    if previous is None:
-        raise JobNotFound(f"job {job!r} has no model version {r - 1}")
-    b.store.create(model_key(job, r), previous)
+    b.store.create(model_key(job, r), _model(Rounds(b.store, spec), r - 1))
 
 
 def sweep(b: Backends) -> None:
-    """The scheduled pass: seal rounds past their deadline, re-request lost partials, commit
-    rounds whose partial.ready events were lost."""
+    """The scheduled pass, listing each job's open round once: seal rounds past their deadline
+    (or whose sealer died), request nodes whose requests were lost (resent at growing
+    intervals), commit rounds whose partial.ready or record was lost."""
     for job in b.store.children("jobs/"):
         try:
             spec = load_job(b.store, job)
-            version = latest_version(b.store, job)
-            if version >= 1 and not b.store.exists(record_key(job, version)):
+            rounds = Rounds(b.store, spec)
+            version = rounds.latest_version()
+            if version >= 1 and not rounds.has_record(version):
                 commit(b, spec, version, announce=True)  # record lost with its instance
-            r = open_round(spec, version)
-            if r is not None:
-                seal(b, spec, r, trigger=SWEEP_TRIGGER, resend_after=RESEND_AFTER)
+            r = rounds.open_round(version)
+            if r is None:
+                continue
+            sealed = rounds.seal(r)
+            if sealed is None:
+                sealed = seal(b, spec, r, trigger=SWEEP_TRIGGER, listing=True)
+            _advance(b, rounds, sealed, resend=True, r=r)
         except Exception as exc:  # one broken job must not stop the sweep of the others
             LOG.error("sweep: job %s: %s", job, exc, exc_info=exc, extra={"job": job})

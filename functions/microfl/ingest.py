@@ -23,25 +23,9 @@ from microfl.errors import (
     UpdateTooLarge,
 )
 from microfl.faults import failpoint
-from microfl.jobs import (
-    JobSpec,
-    Seal,
-    check_model,
-    closing_key,
-    latest_version,
-    load_job,
-    model_key,
-    open_round,
-    record_key,
-    require_open,
-    revoked_key,
-    seal_key,
-    update_key,
-    updates_prefix,
-    validate_update,
-)
-from microfl.serde import json_from_bytes, tensors_from_safetensors_file
-from microfl.store import ObjectStore
+from microfl.jobs import JobSpec, check_model, load_job, revoked_key, validate_update
+from microfl.rounds import Rounds
+from microfl.serde import tensors_from_safetensors_file
 from microfl.tokens import Claims, verify_token
 
 __all__ = ["get_job", "get_model", "get_round", "post_update"]
@@ -69,8 +53,9 @@ def _authorize(b: Backends, job: str, token: str | None) -> tuple[Claims, JobSpe
 
 def get_job(b: Backends, job: str, token: str | None) -> dict[str, Any]:
     _, spec = _authorize(b, job, token)
-    version = latest_version(b.store, job)
-    current = open_round(spec, version)
+    rounds = Rounds(b.store, spec)
+    version = rounds.latest_version()
+    current = rounds.open_round(version)
     return {
         "job": job,
         "state": "running" if current else "done",
@@ -88,9 +73,10 @@ def get_model(
     b: Backends, job: str, token: str | None, version: int | None = None
 ) -> tuple[bytes, int]:
     _, spec = _authorize(b, job, token)
-    latest = latest_version(b.store, job)
+    rounds = Rounds(b.store, spec)
+    latest = rounds.latest_version()
     v = latest if version is None else version
-    data = b.store.read(model_key(job, v)) if 0 <= v <= latest else None
+    data = rounds.model(v) if 0 <= v <= latest else None
     if data is None:
         raise RoundNotFound(f"job {job!r} has no model version {v}; the latest is {latest}")
     return check_model(spec, v, data), v
@@ -98,15 +84,14 @@ def get_model(
 
 def get_round(b: Backends, job: str, r: int, token: str | None) -> dict[str, Any]:
     claims, spec = _authorize(b, job, token)
-    record = b.store.read(record_key(job, r))
-    if record is not None:
-        doc: dict[str, Any] = json_from_bytes(record)
+    rounds = Rounds(b.store, spec)
+    doc = rounds.record(r)
+    if doc is not None:
         if not claims.admin:  # each client's example count is the operator's business only
             doc.pop("examples", None)
         return doc
-    sealed = b.store.read(seal_key(job, r))
-    if sealed is not None:
-        seal = Seal.from_bytes(sealed)
+    seal = rounds.seal(r)
+    if seal is not None:
         return {
             "round": r,
             "state": "sealed",
@@ -114,9 +99,9 @@ def get_round(b: Backends, job: str, r: int, token: str | None) -> dict[str, Any
             "excluded": [],
             "reason": seal.reason,
         }
-    if r != open_round(spec, latest_version(b.store, job)):
+    if r != rounds.open_round():
         raise RoundNotFound(f"round {r} of job {job!r} has not opened")
-    received = len(b.store.list(updates_prefix(job, r)))
+    received = rounds.slot_count(r)  # updates with a slot: no listing
     return {"round": r, "state": "open", "included": [], "excluded": [], "received": received}
 
 
@@ -144,29 +129,35 @@ def post_update(
 def _store_update(
     b: Backends, spec: JobSpec, r: int, client: str, body: IO[bytes], size: int
 ) -> tuple[int, dict]:
-    """post_update once the body is spooled: it is read from the file, a block at a time."""
+    """post_update once the body is spooled: it is read from the file, a block at a time. The
+    call that creates the update claims its tree slot (replays claim nothing: an update whose
+    instance died before claiming gets its position from the seal)."""
     job = spec.job
     tensors, metadata = tensors_from_safetensors_file(body, size, spec.header_limit)
     validate_update(spec, tensors, metadata)
 
-    key = update_key(job, r, client)
-    stored = _same_as_stored(b.store, key, body)  # None: nothing stored yet
+    rounds = Rounds(b.store, spec)
+    stored = _same_as_stored(rounds, r, client, body)  # None: nothing stored yet
+    created = False
     if stored is None:
-        require_open(spec, b.store, r)
-        if not b.store.create_from_file(key, body):
-            stored = _same_as_stored(b.store, key, body)
+        rounds.require_open(r)
+        created = rounds.create_update(r, client, body)
+        if not created:
+            stored = _same_as_stored(rounds, r, client, body)
         failpoint("ingest.after_update")
     if stored is not None and not stored:
         raise ConflictingUpdate(
             f"client {client!r} already sent a different update for round {r}; an update "
             "cannot be changed"
         )
-    _settle(b, job, r, client, key)
-    if stored is not None:
+    slot = rounds.claim_slot(r, client) if created else None
+    failpoint("ingest.after_slot")
+    _settle(rounds, r, client)
+    if slot is None:
         # A replay publishes nothing, so a flood of them makes no work. If the instance that
-        # stored the update died before announcing it, finalize's sweep finds the update.
+        # stored the update died before announcing it, finalize's sweep or seal finds it.
         return 200, {"round": r, "client": client, "status": "replay"}
-    b.bus.publish([events.update_accepted(job, r, client)], key=job)
+    b.bus.publish([events.update_accepted(job, r, client, slot)], key=job)
     return 202, {"round": r, "client": client, "status": "accepted"}
 
 
@@ -186,12 +177,12 @@ def _spooled(
         yield spool, size
 
 
-def _same_as_stored(store: ObjectStore, key: str, body: IO[bytes]) -> bool | None:
-    """Whether the object under key has body's bytes (None: there is none), compared as the
-    store streams it: neither is ever whole in memory."""
+def _same_as_stored(rounds: Rounds, r: int, client: str, body: IO[bytes]) -> bool | None:
+    """Whether the client's stored update has body's bytes (None: there is none), compared as
+    the store streams it: neither is ever whole in memory."""
     body.seek(0)
     same = _Comparison(body)
-    if not store.read_to_file(key, same):  # type: ignore[arg-type]  # it only writes
+    if not rounds.read_update_to_file(r, client, same):  # type: ignore[arg-type]  # only writes
         return None
     return same.equal and body.read(1) == b""
 
@@ -208,22 +199,22 @@ class _Comparison:
         return len(data)
 
 
-def _settle(b: Backends, job: str, r: int, client: str, key: str) -> None:
+def _settle(rounds: Rounds, r: int, client: str) -> None:
     """Once the update is stored: answer 2xx only if round r's seal lists it or will. The
     sealer writes closing.json before it lists the updates, so without that marker any seal to
     come lists this update; with it, wait for the seal and look."""
-    if not b.store.exists(closing_key(job, r)):
+    if not rounds.is_closing(r):
         return
     deadline = time.monotonic() + SEAL_WAIT
-    while (sealed := b.store.read(seal_key(job, r))) is None:
+    while (seal := rounds.seal(r)) is None:
         if time.monotonic() > deadline:
             raise Unavailable(
                 f"round {r} is being sealed; retry in a moment (the same bytes "
                 "are safe to send again)"
             )
         time.sleep(0.05)
-    if client not in Seal.from_bytes(sealed).clients:
-        b.store.delete(key)
+    if client not in seal.clients:
+        rounds.delete_update(r, client)
         raise RoundNotOpen(
             f"round {r} was sealed while the update arrived; send it to round {r + 1}"
         )

@@ -1,16 +1,12 @@
-"""A job's configuration, its storage layout, and the round state derived from storage alone.
+"""A job's configuration, its job-level storage layout, and what an update must be to fit it.
 
-Layout under `jobs/{job}/` (every object written once, create-only):
+Layout under `jobs/{job}/` (every object written once, create-only; rounds.py owns `rounds/`):
 
     job.json                                  JobSpec
     models/{v:08d}.safetensors                global model version v (0 = initial)
     optimizer/{v:08d}.safetensors             server optimiser state after version v (FedAdam)
     revoked/{client}                          the client's tokens no longer admit it (JSON)
-    rounds/{r:08d}/updates/{client}           a client's update for round r
-    rounds/{r:08d}/closing.json               the decision to seal, written before the listing
-    rounds/{r:08d}/seal.json                  the sealed manifest: which updates, in which chunks
-    rounds/{r:08d}/partials/{c:06d}.safetensors   weighted sum of chunk c (float64)
-    rounds/{r:08d}/record.json                the round record, written after model r
+    rounds/{r:08d}/...                        round r (microfl.rounds)
 """
 
 from __future__ import annotations
@@ -24,13 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from microfl.errors import (
-    ConfigError,
-    InvalidUpdate,
-    JobNotFound,
-    RoundNotOpen,
-    SchemaMismatch,
-)
+from microfl.errors import ConfigError, InvalidUpdate, JobNotFound, SchemaMismatch
 from microfl.faults import failpoint
 from microfl.serde import (
     DTYPES,
@@ -45,26 +35,15 @@ from microfl.store import ObjectStore
 
 __all__ = [
     "JobSpec",
-    "Seal",
     "TensorSpec",
     "check_model",
     "create_job",
     "job_key",
-    "latest_version",
     "load_job",
     "model_key",
-    "open_round",
     "optimizer_key",
-    "partial_key",
-    "partials_prefix",
-    "record_key",
-    "require_open",
     "revoke_client",
     "revoked_key",
-    "round_opened_at",
-    "seal_key",
-    "update_key",
-    "updates_prefix",
     "validate_update",
 ]
 
@@ -169,43 +148,6 @@ class JobSpec:
         return cls(job=job, schema=schema, **options)
 
 
-@dataclass(frozen=True)
-class Seal:
-    """The sealed manifest of round r: the included updates, in the fixed order that, cut into
-    chunks of fan_in, every aggregation follows."""
-
-    round: int
-    clients: tuple[str, ...]
-    fan_in: int
-    reason: str  # "quorum" or "deadline"
-    sealed_at: float
-    # What sealed it, for the record only: "client:<id>" (that client's update event) or
-    # "internal:sweep"; seals written before 2027-01 hold a bare client id or "sweep".
-    trigger: str = ""
-
-    @property
-    def chunks(self) -> int:
-        return math.ceil(len(self.clients) / self.fan_in)
-
-    def chunk(self, c: int) -> tuple[str, ...]:
-        return self.clients[c * self.fan_in : (c + 1) * self.fan_in]
-
-    def to_bytes(self) -> bytes:
-        return json_to_bytes({**asdict(self), "clients": list(self.clients)})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Seal:
-        doc = json_from_bytes(data)
-        return cls(
-            doc["round"],
-            tuple(doc["clients"]),
-            doc["fan_in"],
-            doc["reason"],
-            doc["sealed_at"],
-            doc.get("trigger", ""),
-        )
-
-
 def job_key(job: str) -> str:
     return f"jobs/{job}/job.json"
 
@@ -228,40 +170,6 @@ def revoke_client(store: ObjectStore, job: str, client: str, now: float) -> bool
     load_job(store, job)  # the job exists (JobNotFound otherwise)
     record = json_to_bytes({"client": client, "revoked_at": int(now)})
     return store.create(revoked_key(job, client), record)
-
-
-def _round(job: str, r: int) -> str:
-    return f"jobs/{job}/rounds/{r:08d}"
-
-
-def updates_prefix(job: str, r: int) -> str:
-    return f"{_round(job, r)}/updates/"
-
-
-def update_key(job: str, r: int, client: str) -> str:
-    return updates_prefix(job, r) + client
-
-
-def closing_key(job: str, r: int) -> str:
-    """Written before the sealer lists the updates: an upload that finds it must wait for the
-    seal to learn whether it made the round."""
-    return f"{_round(job, r)}/closing.json"
-
-
-def seal_key(job: str, r: int) -> str:
-    return f"{_round(job, r)}/seal.json"
-
-
-def partials_prefix(job: str, r: int) -> str:
-    return f"{_round(job, r)}/partials/"
-
-
-def partial_key(job: str, r: int, chunk: int) -> str:
-    return f"{partials_prefix(job, r)}{chunk:06d}.safetensors"
-
-
-def record_key(job: str, r: int) -> str:
-    return f"{_round(job, r)}/record.json"
 
 
 def create_job(store: ObjectStore, spec: JobSpec, model: bytes) -> bool:
@@ -331,47 +239,15 @@ def load_job(store: ObjectStore, job: str) -> JobSpec:
     return JobSpec.from_bytes(data)
 
 
-def latest_version(store: ObjectStore, job: str) -> int:
-    """The newest committed model version (0 is written at job creation)."""
-    prefix = f"jobs/{job}/models/"
-    versions = [int(k[len(prefix) :].split(".")[0]) for k in store.list(prefix)]
-    if not versions:
-        raise JobNotFound(f"job {job!r} has no initial model")
-    return max(versions)
-
-
-def open_round(spec: JobSpec, version: int) -> int | None:
-    """The round that trains on `version`, or None once the job has all its rounds."""
-    return version + 1 if version < spec.rounds else None
-
-
-def require_open(spec: JobSpec, store: ObjectStore, r: int) -> None:
-    current = open_round(spec, latest_version(store, spec.job))
-    if current is None:
-        raise RoundNotOpen(f"job {spec.job!r} has finished all {spec.rounds} rounds")
-    if r != current:
-        raise RoundNotOpen(
-            f"round {r} is not open; the open round is {current} "
-            f"(GET /v1/jobs/{spec.job} tells which)"
-        )
-    if store.exists(closing_key(spec.job, r)):
-        raise RoundNotOpen(f"round {r} is sealed and takes no more updates; wait for round {r + 1}")
-
-
-def round_opened_at(store: ObjectStore, spec: JobSpec, r: int) -> float | None:
-    """When round r opened: job creation, or the commit of round r-1 (None while that round's
-    record is not written yet, so no deadline can fire early)."""
-    if r <= 1:
-        return spec.created_at
-    data = store.read(record_key(spec.job, r - 1))
-    return float(json_from_bytes(data)["committed_at"]) if data else None
-
-
 def validate_update(
-    spec: JobSpec, tensors: Mapping[str, np.ndarray | FileTensor], metadata: dict[str, str]
+    spec: JobSpec,
+    tensors: Mapping[str, np.ndarray | FileTensor],
+    metadata: dict[str, str],
+    values: bool = True,
 ) -> int:
     """The update's num_examples, once its tensors match the job's model exactly. Values are
-    checked block by block (tensor_blocks), so a spooled upload is never read whole."""
+    checked block by block (tensor_blocks), so a spooled upload is never read whole; aggregate
+    passes values=False because its exact fold refuses non-finite values in the same pass."""
     raw = metadata.get("num_examples")
     if raw is None or not re.fullmatch(r"[0-9]{1,13}", raw) or not 0 < int(raw) <= MAX_EXAMPLES:
         raise InvalidUpdate(
@@ -402,7 +278,7 @@ def validate_update(
                 f"update tensor {name!r} has dtype {dtype_code(arr.dtype)}; the job's model "
                 f"expects {t.dtype}"
             )
-        if arr.dtype.kind == "f":
+        if values and arr.dtype.kind == "f":
             _check_values(name, arr)
     return int(raw)
 

@@ -25,6 +25,7 @@ __all__ = [
     "Event",
     "FileTensor",
     "KafkaRecord",
+    "PartialMeta",
     "dtype_code",
     "event_from_http",
     "event_from_kafka",
@@ -32,6 +33,8 @@ __all__ = [
     "event_to_kafka",
     "json_from_bytes",
     "json_to_bytes",
+    "partial_from_safetensors",
+    "partial_to_safetensors",
     "tensor_blocks",
     "tensors_from_safetensors",
     "tensors_from_safetensors_file",
@@ -72,26 +75,28 @@ def dtype_code(dtype: np.dtype) -> str:
 def tensors_to_safetensors(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> bytes:
-    """Deterministic bytes: tensors sorted by name, compact sorted JSON header padded to 8."""
+    """Deterministic bytes: tensors sorted by name, compact sorted JSON header padded to 8.
+    Each tensor's data is copied once, straight into the result."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
     offset = 0
-    blobs = []
+    blobs: list[memoryview] = []
     for name in sorted(tensors):
-        arr = np.asarray(tensors[name], order="C")  # keeps 0-d tensors 0-d
+        arr = np.asarray(tensors[name])  # keeps 0-d tensors 0-d
         code = dtype_code(arr.dtype)
-        raw = arr.astype(DTYPES[code], copy=False).tobytes()
+        arr = np.asarray(arr, dtype=DTYPES[code], order="C")  # no copy when it already is
+        raw = arr.reshape(-1).view(np.uint8).data
         header[name] = {
             "dtype": code,
             "shape": list(arr.shape),
-            "data_offsets": [offset, offset + len(raw)],
+            "data_offsets": [offset, offset + raw.nbytes],
         }
-        offset += len(raw)
+        offset += raw.nbytes
         blobs.append(raw)
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+    return b"".join([struct.pack("<Q", len(head)), head, *blobs])
 
 
 def tensors_from_safetensors(
@@ -269,6 +274,54 @@ def _tensor_info(name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], tuple
     ):
         raise InvalidUpdate(f"tensor {name!r}: data_offsets must be two integers")
     return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+# --- partial sums --------------------------------------------------------------------------
+
+PARTIAL_FORMAT = "microfl.exactsum.v1"
+
+
+@dataclass(frozen=True)
+class PartialMeta:
+    """What a node of the aggregation tree sums: the updates folded (client, num_examples) and
+    those left out (client, reason), in position order."""
+
+    examples: tuple[tuple[str, int], ...] = ()
+    excluded: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def weight(self) -> int:
+        return sum(n for _, n in self.examples)
+
+    def __add__(self, other: PartialMeta) -> PartialMeta:
+        return PartialMeta(self.examples + other.examples, self.excluded + other.excluded)
+
+
+def partial_to_safetensors(arrays: Mapping[str, np.ndarray], meta: PartialMeta) -> bytes:
+    """An exact partial sum (exactsum.ExactSum.to_arrays) with its members in __metadata__."""
+    return tensors_to_safetensors(
+        arrays,
+        {
+            "format": PARTIAL_FORMAT,
+            "examples": json.dumps([list(e) for e in meta.examples], separators=(",", ":")),
+            "excluded": json.dumps([list(e) for e in meta.excluded], separators=(",", ":")),
+            "num_examples": str(meta.weight),
+        },
+    )
+
+
+def partial_from_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], PartialMeta]:
+    """The inverse of partial_to_safetensors; ValueError for anything else (a partial is the
+    platform's own object, so this is corruption, not a client's mistake)."""
+    tensors, metadata = tensors_from_safetensors(data)
+    if metadata.get("format") != PARTIAL_FORMAT:
+        raise ValueError(f"not a partial sum of format {PARTIAL_FORMAT}")
+    examples = tuple((str(c), int(n)) for c, n in json.loads(metadata["examples"]))
+    excluded = tuple((str(c), str(why)) for c, why in json.loads(metadata["excluded"]))
+    meta = PartialMeta(examples, excluded)
+    if meta.weight != int(metadata["num_examples"]):
+        raise ValueError("a partial sum's num_examples is not the sum of its examples")
+    return tensors, meta
 
 
 # --- JSON documents ----------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class ObjectStore(ABC):
         """Sorted names one level below prefix (which ends with '/'), objects or folders."""
 
     def exists(self, key: str) -> bool:
+        """Whether key holds an object (the backends answer without reading it)."""
         return self.read(key) is not None
 
     def create_from_file(self, key: str, file: IO[bytes]) -> bool:
@@ -117,6 +118,12 @@ class FileStore(ObjectStore):
             return self._path(key).read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise StorageUnavailable(f"file store {self.root}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self._path(key).is_file()
         except OSError as exc:
             raise StorageUnavailable(f"file store {self.root}: {exc}") from exc
 
@@ -251,6 +258,10 @@ class GcsStore(ObjectStore):
             return bytes(data)
         except NotFound:
             return None
+
+    def exists(self, key: str) -> bool:
+        """A metadata request: the object's bytes are not downloaded."""
+        return bool(self._call(f"read {key}", self.bucket.blob(self.prefix + key).exists))
 
     def read_to_file(self, key: str, out: IO[bytes]) -> bool:
         from google.api_core.exceptions import NotFound

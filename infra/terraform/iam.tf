@@ -3,10 +3,12 @@
 # needs:
 #
 #   function   reads       creates (never overwrites)                 deletes
-#   ingest     everything  jobs/*/rounds/*/updates/*                  updates (see below)
-#   aggregate  everything  jobs/*/rounds/*/partials/*                 -
+#   ingest     everything  jobs/*/rounds/*/updates/*, slots/*,        updates (see below)
+#                          claims/*
+#   aggregate  everything  jobs/*/rounds/*/nodes/*, claims/*          -
 #   finalize   everything  rounds/*/closing.json, rounds/*/seal.json, -
-#                          models/, optimizer/, rounds/*/record.json
+#                          rounds/*/requests/*, models/, optimizer/,
+#                          rounds/*/record.json
 #
 # With event_bus = "pubsub" each may also publish to the topics of the events it emits, and to
 # no other (pubsub.tf, local.pubsub_publishers, binds roles/pubsub.publisher per topic):
@@ -23,7 +25,7 @@
 # - Conditions on resource.name have startsWith, endsWith and extract, no regular expressions:
 #   "/rounds/{r}/updates/" matches any object whose name contains that, not only keys of
 #   exactly the jobs/{job}/rounds/{r}/updates/{client} shape. Keys are built by
-#   functions/microfl/jobs.py, never taken from clients, so the looser match grants nothing the
+#   functions/microfl/jobs.py and rounds.py, never taken from clients, so the looser match grants nothing the
 #   code would use.
 # - storage.objects.create without storage.objects.delete cannot replace an existing object, so
 #   aggregate and finalize are create-only at the IAM level too. ingest also needs delete: it
@@ -33,7 +35,8 @@
 #   (if_generation_match=0) and with bucket versioning.
 # - The job definitions (jobs/{job}/job.json) are written by operators with the microfl CLI and
 #   their own credentials; no function may create them.
-# tests/test_infra.py evaluates these conditions against the keys of functions/microfl/jobs.py,
+# tests/test_infra.py evaluates these conditions against the keys of functions/microfl/jobs.py
+# and rounds.py,
 # so a new kind of object fails the test until it is granted here; likewise a new kind of event
 # a function publishes, until pubsub.tf grants its topic.
 
@@ -46,14 +49,21 @@ locals {
     ingest = {
       description = "Micro-FL ingest: reads jobs and models, writes client updates"
       role        = google_project_iam_custom_role.update_writer.id
-      writes      = "client updates (rounds/*/updates/*)"
-      creates     = ["resource.name.extract(\"/rounds/{round}/updates/\") != \"\""]
+      writes      = "client updates and their tree slots (rounds/*/updates/*, slots/*, claims/*)"
+      creates = [
+        "resource.name.extract(\"/rounds/{round}/updates/\") != \"\"",
+        "resource.name.extract(\"/rounds/{round}/slots/\") != \"\"",
+        "resource.name.extract(\"/rounds/{round}/claims/\") != \"\"",
+      ]
     }
     aggregate = {
       description = "Micro-FL aggregate: reads updates and seals, writes partial sums"
       role        = "roles/storage.objectCreator"
-      writes      = "partial sums (rounds/*/partials/*)"
-      creates     = ["resource.name.extract(\"/rounds/{round}/partials/\") != \"\""]
+      writes      = "partial sums and the claims of their slots (rounds/*/nodes/*, claims/*)"
+      creates = [
+        "resource.name.extract(\"/rounds/{round}/nodes/\") != \"\"",
+        "resource.name.extract(\"/rounds/{round}/claims/\") != \"\"",
+      ]
     }
     finalize = {
       description = "Micro-FL finalize: seals rounds, writes models, optimizer state and round records"
@@ -63,6 +73,7 @@ locals {
         "resource.name.endsWith(\"/closing.json\")",
         "resource.name.endsWith(\"/seal.json\")",
         "resource.name.endsWith(\"/record.json\")",
+        "resource.name.extract(\"/rounds/{round}/requests/\") != \"\"",
         "resource.name.extract(\"/models/{version}.safetensors\") != \"\"",
         "resource.name.extract(\"/optimizer/{version}.safetensors\") != \"\"",
       ]

@@ -1,5 +1,5 @@
 # The bucket that holds all platform state: jobs/{job}/job.json, models/, optimizer/, and per
-# round updates/, seal.json, partials/ and record.json (functions/microfl/jobs.py). Private,
+# round updates/, slots/, seal.json, nodes/ and record.json (functions/microfl/rounds.py). Private,
 # versioned, and protected from `terraform destroy`.
 
 locals {

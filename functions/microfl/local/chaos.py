@@ -24,22 +24,14 @@ import numpy as np
 
 from microfl import events
 from microfl.client import Client, ClientError
-from microfl.jobs import (
-    JobSpec,
-    create_job,
-    load_job,
-    model_key,
-    record_key,
-    revoke_client,
-    seal_key,
-    updates_prefix,
-)
+from microfl.jobs import JobSpec, create_job, load_job, model_key, revoke_client
 from microfl.local import attacks
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.invariants import check_job
 from microfl.local.kafka import KafkaCluster
 from microfl.local.proxies import EventChaosProxy, SlowTcpProxy
 from microfl.local.runtime import LocalRuntime
+from microfl.rounds import record_key, seal_key, updates_prefix
 from microfl.serde import tensors_to_safetensors
 from microfl.store import GcsStore
 from microfl.tokens import issue_token
@@ -353,6 +345,7 @@ def run_scenario(
         f"double {x}" for x in verdict.double_counted
     ]
     problems += [f"model of {x} is not the FedAvg of its updates" for x in verdict.wrong_models]
+    problems += [f"tree of {x}" for x in verdict.bad_trees]
     problems += verdict.late_rounds + [f"{dead} unexplained dead-lettered event(s)"] * (dead > 0)
     # Recovery: from a fault's end to the first commit after it began (0: no disruption seen).
     recovery = [

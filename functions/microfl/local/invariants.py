@@ -1,5 +1,6 @@
 """The invariant checker run after every fault scenario: from storage alone (and the answers the
-clients got), is every accepted update counted exactly once and every model right?"""
+clients got), is every accepted update counted exactly once, in exactly one leaf of its round's
+tree, and every model right?"""
 
 from __future__ import annotations
 
@@ -8,16 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from microfl.jobs import (
-    latest_version,
-    load_job,
-    model_key,
-    record_key,
-    round_opened_at,
-    update_key,
-    validate_update,
-)
-from microfl.serde import json_from_bytes, tensors_from_safetensors
+from microfl.jobs import load_job, model_key, validate_update
+from microfl.rounds import Rounds, update_key
+from microfl.serde import partial_from_safetensors, tensors_from_safetensors
 from microfl.store import ObjectStore
 
 __all__ = ["Verdict", "check_job"]
@@ -31,10 +25,17 @@ class Verdict:
     double_counted: list[str] = field(default_factory=list)
     wrong_models: list[str] = field(default_factory=list)
     late_rounds: list[str] = field(default_factory=list)
+    bad_trees: list[str] = field(default_factory=list)  # "round r: what is wrong with its leaves"
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.double_counted or self.wrong_models or self.late_rounds)
+        return not (
+            self.lost
+            or self.double_counted
+            or self.wrong_models
+            or self.late_rounds
+            or self.bad_trees
+        )
 
 
 def check_job(
@@ -46,18 +47,19 @@ def check_job(
 ) -> Verdict:
     """`accepted`: the (round, client) pairs whose upload was answered 200 or 202."""
     spec = load_job(store, job)
-    latest = latest_version(store, job)
+    rounds = Rounds(store, spec)
+    latest = rounds.latest_version()
     verdict = Verdict(rounds_committed=latest, accepted=len(accepted))
     listed: Counter[tuple[int, str]] = Counter()
     for r in range(1, latest + 1):
-        data = store.read(record_key(job, r))
-        if data is None:
+        record = rounds.record(r)
+        if record is None:
             verdict.late_rounds.append(f"round {r}: model committed but no round record")
             continue
-        record = json_from_bytes(data)
         listed.update((r, c) for c in record["included"])
         listed.update((r, e["client"]) for e in record["excluded"])
-        opened = round_opened_at(store, spec, r)
+        verdict.bad_trees += [f"round {r}: {why}" for why in _tree_problems(rounds, r, record)]
+        opened = rounds.opened_at(r)
         if opened is not None and record["committed_at"] - opened > spec.round_timeout + slack:
             verdict.late_rounds.append(
                 f"round {r} committed {record['committed_at'] - opened:.0f}"
@@ -69,6 +71,37 @@ def check_job(
     verdict.lost = sorted(f"{r}/{c}" for r, c in committed if listed[(r, c)] == 0)
     verdict.double_counted = sorted(f"{r}/{c}" for (r, c), n in listed.items() if n > 1)
     return verdict
+
+
+def _tree_problems(rounds: Rounds, r: int, record: dict) -> list[str]:
+    """The sealed tree's leaves are disjoint, hold exactly the seal's clients, and those they
+    folded are exactly the record's `included`, with the record's example counts."""
+    seal = rounds.seal(r)
+    if seal is None:
+        return ["committed without a seal"]
+    sizes = seal.tree.sizes
+    folded: Counter[str] = Counter()
+    members: Counter[str] = Counter()
+    examples: dict[str, int] = {}
+    for j in range(sizes[0] if sizes else 0):
+        data = rounds.node(r, 0, j)
+        if data is None:
+            return [f"leaf {j} of {sizes[0]} is missing"]
+        meta = partial_from_safetensors(data)[1]
+        folded.update(c for c, _ in meta.examples)
+        members.update([c for c, _ in meta.examples] + [c for c, _ in meta.excluded])
+        examples.update(meta.examples)
+    problems = [f"{c} is in {n} leaves" for c, n in sorted(members.items()) if n > 1]
+    if set(members) != set(seal.clients):
+        problems.append(
+            f"leaves hold {sorted(set(members) - set(seal.clients))} beyond the seal and miss "
+            f"{sorted(set(seal.clients) - set(members))}"
+        )
+    if record["included"] and (
+        set(folded) != set(record["included"]) or examples != record.get("examples", examples)
+    ):
+        problems.append("the leaves' folded updates are not the record's included")
+    return problems
 
 
 def _model_is_fedavg(store: ObjectStore, job: str, r: int, record: dict, rtol: float) -> bool:
@@ -88,6 +121,8 @@ def _model_is_fedavg(store: ObjectStore, job: str, r: int, record: dict, rtol: f
         return all(np.array_equal(model[k], previous[k]) for k in model)
     for name, arr in model.items():
         want = total[name] / weight
+        if arr.dtype.kind in "iub":  # integer tensors hold the rounded mean
+            want = np.rint(want)
         scale = max(float(np.max(np.abs(want))), 1e-12)
         if float(np.max(np.abs(arr.astype(np.float64) - want))) > rtol * scale:
             return False

@@ -191,7 +191,7 @@ class LocalRuntime:
         self.stop()
 
     def wait_committed(self, store: Any, job: str, version: int, timeout: float = 120) -> None:
-        from microfl.jobs import record_key
+        from microfl.rounds import record_key
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,0 +1,204 @@
+"""Exact sums: any order and any merge tree of the same updates give the same bytes; the mean is
+within the documented bound of the exact one (fractions); refused updates leave no trace."""
+
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from microfl import exactsum
+from microfl.exactsum import MAX_UPDATES, ExactSum, ValueOutOfRange
+
+SHAPES = {"w": (3, 5), "b": (4,), "s": (), "big": (5000,)}
+
+
+def make_base(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    base = {k: np.asarray(rng.standard_normal(s) * 0.1, np.float32) for k, s in SHAPES.items()}
+    base["b"][...] = 0  # a zero tensor: its grid comes from the floor
+    return base
+
+
+def make_updates(rng: np.random.Generator, n: int, spread: int = 3) -> list[dict[str, np.ndarray]]:
+    return [
+        {
+            k: np.asarray(
+                rng.standard_normal(s) * 10.0 ** rng.integers(-spread, spread + 1), np.float32
+            )
+            for k, s in SHAPES.items()
+        }
+        for _ in range(n)
+    ]
+
+
+def tree_sum(base: dict, updates: list, weights: list[int], rnd: random.Random) -> ExactSum:
+    """Random leaves (fold or fold_many), merged in a random tree, through storage arrays."""
+    order = list(range(len(updates)))
+    rnd.shuffle(order)
+    parts = []
+    while order:
+        k = rnd.randint(1, 4)
+        leaf, order = order[:k], order[k:]
+        acc = ExactSum(base)
+        if rnd.random() < 0.5:
+            assert acc.fold_many([updates[i] for i in leaf], [weights[i] for i in leaf]) == []
+        else:
+            for i in leaf:
+                acc.fold(updates[i], weights[i])
+        parts.append(ExactSum.from_arrays(base, acc.to_arrays(), acc.count, acc.weight))
+    while len(parts) > 1:
+        rnd.shuffle(parts)
+        a, b = parts.pop(), parts.pop()
+        a.merge(b)
+        parts.append(a)
+    return parts[0]
+
+
+def as_bytes(acc: ExactSum) -> dict[str, bytes]:
+    return {k: v.tobytes() for k, v in acc.to_arrays().items()}
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 12), heavy=st.booleans())
+def test_any_order_and_tree_gives_the_same_bytes(seed: int, n: int, heavy: bool) -> None:
+    rng = np.random.default_rng(seed)
+    base = make_base(rng)
+    updates = make_updates(rng, n)
+    top = 10**12 if heavy else 10**6
+    weights = [int(w) for w in rng.choice([1, 2, 3, top - 1, top, int(rng.integers(1, top))], n)]
+    rnd = random.Random(seed)
+    first = tree_sum(base, updates, weights, rnd)
+    for _ in range(3):
+        other = tree_sum(base, updates, weights, rnd)
+        assert as_bytes(other) == as_bytes(first)
+        assert (other.count, other.weight) == (n, sum(weights))
+    assert all(
+        a.tobytes() == b.tobytes()
+        for a, b in zip(first.finish().values(), other.finish().values(), strict=True)
+    )
+    saved, exactsum.njit = exactsum.njit, None  # the numpy kernel gives the same bytes
+    try:
+        plain = ExactSum(base)
+        for u, w in zip(updates, weights, strict=True):
+            plain.fold(u, w)
+    finally:
+        exactsum.njit = saved
+    assert as_bytes(plain) == as_bytes(first)
+
+
+def exact_mean(updates: list, weights: list[int], name: str) -> list[Fraction]:
+    total = sum(weights)
+    flat = [u[name].astype(np.float64).reshape(-1) for u in updates]
+    return [
+        sum(Fraction(float(f[i])) * w for f, w in zip(flat, weights, strict=True)) / total
+        for i in range(flat[0].size)
+    ]
+
+
+@pytest.mark.parametrize("case", ["mixed", "tiny_and_huge", "zeros", "far_above_base", "cancel"])
+def test_mean_within_bound_of_the_exact_mean(case: str) -> None:
+    rng = np.random.default_rng(7)
+    base = make_base(rng)
+    updates = make_updates(rng, 6)
+    weights = [1, 10**12, 5, 999_999_999_989, 2, 123_456_789]
+    if case == "tiny_and_huge":  # one huge weight: the small ones still count
+        weights = [1, 1, 1, 1, 1, 10**12]
+    if case == "zeros":
+        for u in updates:
+            u["w"][...] = 0
+    if case == "far_above_base":  # 2**17 times the base's scale (the limit is 2**18 here)
+        for u in updates:
+            u["big"] = (np.sign(u["big"]) * 2.0**17 * 0.1).astype(np.float32)
+    if case == "cancel":  # the mean cancels to ~1e-6 of the terms
+        for u in updates[3:]:
+            for k in u:
+                u[k] = -updates[0][k]
+        weights = [1, 1, 1, 1, 1, 1]
+        updates[1] = {k: (v * 1e-6).astype(np.float32) for k, v in updates[1].items()}
+        updates[2] = {k: v.copy() for k, v in updates[0].items()}
+    acc = ExactSum(base)
+    assert acc.fold_many(updates, weights) == []
+    mean = acc.finish()
+    total = sum(weights)
+    for name in SHAPES:
+        want = exact_mean(updates, weights, name)
+        got = mean[name].reshape(-1)
+        g = 2.0 ** acc.grid[name]
+        terms = (
+            sum(
+                np.abs(u[name].astype(np.float64)).reshape(-1) * w
+                for u, w in zip(updates, weights, strict=True)
+            )
+            / total
+        )
+        for i, (e, m) in enumerate(zip(want, got.tolist(), strict=True)):
+            err = abs(Fraction(m) - e)
+            bound = (
+                g / 2 * len(weights) / total + 2.0**-53 * terms[i] + 4 * 2.0**-53 * abs(float(e))
+            )
+            assert err <= Fraction(bound), (name, i, float(err), bound)
+        top = max(abs(float(e)) for e in want)
+        worst = max(abs(float(Fraction(m) - e)) for e, m in zip(want, got.tolist(), strict=True))
+        assert worst <= 1e-6 * top or worst == 0.0, (name, worst, top)
+
+
+def test_refused_updates_leave_no_trace() -> None:
+    rng = np.random.default_rng(3)
+    base = make_base(rng)
+    updates = make_updates(rng, 5)
+    weights = [3, 1, 10**12, 7, 2]
+    good = ExactSum(base)
+    good.fold_many([updates[i] for i in (0, 2, 4)], [weights[i] for i in (0, 2, 4)])
+    bad1 = {k: v.copy() for k, v in updates[1].items()}
+    bad1["big"][4999] = np.nan  # in the last block of the last tensor
+    bad3 = {k: v.copy() for k, v in updates[3].items()}
+    bad3["s"][...] = 1e30  # far beyond 2**18 times the base's scale
+    acc = ExactSum(base)
+    refused = acc.fold_many([updates[0], bad1, updates[2], bad3, updates[4]], weights)
+    assert [k for k, _ in refused] == [1, 3]
+    assert "NaN or Inf" in str(refused[0][1]) and "'s' has a value of 1e+30" in str(refused[1][1])
+    assert as_bytes(acc) == as_bytes(good) and (acc.count, acc.weight) == (3, good.weight)
+    with pytest.raises(ValueOutOfRange):
+        acc.fold({k: np.full(s, np.inf, np.float32) for k, s in SHAPES.items()}, 1)
+    assert as_bytes(acc) == as_bytes(good)
+
+
+def test_limits_are_refused() -> None:
+    rng = np.random.default_rng(4)
+    base = make_base(rng)
+    (u,) = make_updates(rng, 1)
+    acc = ExactSum(base, max_weight=10**6)
+    for w in (0, -1, 10**6 + 1, 1.5):
+        with pytest.raises(ValueError, match="weight"):
+            acc.fold(u, w)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtypes"):
+        acc.fold({k: v.astype(np.float64) for k, v in u.items()}, 1)
+    acc.count = MAX_UPDATES
+    with pytest.raises(OverflowError):
+        acc.fold(u, 1)
+    other = ExactSum(base, max_weight=10**6)
+    other.count = 1
+    with pytest.raises(OverflowError):
+        acc.merge(other)
+    with pytest.raises(ValueError, match="grids"):
+        ExactSum(base).merge(ExactSum({k: v * 1000 for k, v in base.items()}))
+    with pytest.raises(ValueError, match="no updates"):
+        ExactSum(base).finish()
+
+
+def test_worst_case_magnitudes_do_not_overflow() -> None:
+    """2**21 updates at the largest weight, every value at its limit, one sign: T stays below
+    2**119, so hi cannot wrap. (Folded as one update's limbs times 2**21, by merging.)"""
+    base = {"x": np.array([1.0, -1.0, 0.0], np.float32)}
+    acc = ExactSum(base)
+    lim = np.nextafter(np.float32(acc.xlim["x"]), np.float32(0))
+    acc.fold({"x": np.array([lim, -lim, lim], np.float32)}, 10**12)
+    for _ in range(21):  # doubling: 2**21 copies
+        acc.merge(ExactSum.from_arrays(base, acc.to_arrays(), 0, acc.weight))
+    mean = acc.finish(10**12 * 2**21)["x"]
+    np.testing.assert_allclose(mean, [lim, -lim, lim], rtol=1e-15, atol=0)
+    assert acc.hi["x"][0] > 2**61 and acc.hi["x"][1] < -(2**61)  # near 2**63, not wrapped
