@@ -11,10 +11,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from microfl.invariants import check_job
 
 from fl import SECRET, make_model, make_updates, new_job, post_all, reference
 from microfl.jobs import JobSpec, create_job, model_key
+from microfl.local.invariants import check_job
 from microfl.local.runtime import LocalRuntime
 from microfl.rounds import record_key
 from microfl.serde import json_from_bytes, tensors_to_safetensors

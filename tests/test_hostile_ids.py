@@ -27,7 +27,7 @@ from hostile_ingest import (
     vm,
 )
 from hostile_payloads import model, sign, valid_update
-from microfl.jobs import update_key, updates_prefix
+from microfl.rounds import update_key, updates_prefix
 from microfl.serde import tensors_to_safetensors
 from microfl.tokens import issue_token
 from raw_http import NoAnswer, raw_request

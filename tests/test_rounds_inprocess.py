@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 from functions_framework import create_app
-from microfl.invariants import check_job
 
 from microfl import events, handlers
 from microfl.backends import Backends
 from microfl.bus import MemoryBus
 from microfl.finalize import RESEND_AFTER
 from microfl.jobs import JobSpec, create_job, model_key, optimizer_key
+from microfl.local.invariants import check_job
 from microfl.rounds import record_key, seal_key, update_key
 from microfl.serde import Event, event_to_http, tensors_from_safetensors, tensors_to_safetensors
 from microfl.store import FileStore

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from microfl.invariants import check_job
 
 from fl import healthy_run
 from microfl import finalize
 from microfl.jobs import create_job, model_key
+from microfl.local.invariants import check_job
 from microfl.rounds import update_key
 from microfl.store import FileStore
 from treeplay import T0, Play

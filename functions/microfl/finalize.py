@@ -73,8 +73,17 @@ def on_update(b: Backends, spec: JobSpec, r: int, client: str, slot: int | None)
     """An update holds `slot`: request its leaf once the leaf's last slot is taken (slots are a
     prefix, so that is one exists call), then seal the round if it is due."""
     rounds = Rounds(b.store, spec)
-    if rounds.seal(r) is not None or not 1 <= r <= spec.rounds:
-        return  # the seal's writer requested the rest; the sweep repairs what it could not
+    if not 1 <= r <= spec.rounds:
+        return
+    sealed = rounds.seal(r)
+    if sealed is not None:
+        # The seal's writer requested the rest, unless it died first: then the event that
+        # sealed the round comes again (replays publish nothing, so only a redelivery can) and
+        # requests what was never requested (create-only markers: nothing twice). The sweep
+        # repairs the rest.
+        if sealed.trigger == client_trigger(client):
+            _advance(b, rounds, sealed, resend=False)
+        return
     if not b.store.exists(model_key(spec.job, r - 1)):
         return
     k = spec.fan_in
