@@ -295,18 +295,7 @@ class Rounds:
             low = 0  # a hint from another life of this job name: start from the bottom
         data = json_to_bytes({"client": client})
         while not self.store.create(slot_key(self.job, r, low), data):
-            step = 1
-            while self.slot_exists(r, low + step):
-                low += step
-                step *= 2
-            high = low + step  # low is taken, high was free when looked at
-            while high - low > 1:
-                mid = (low + high) // 2
-                if self.slot_exists(r, mid):
-                    low = mid
-                else:
-                    high = mid
-            low = high
+            low = self._first_free(r, low)
         self._see(hint_key, low + 1)
         self.note_claim(r, client, low)
         return low
@@ -338,7 +327,14 @@ class Rounds:
         """How many slots are taken (the first free one), by galloping and bisection."""
         if not self.slot_exists(r, 0):
             return 0
-        low, step = 0, 1
+        count = self._first_free(r, 0)
+        self._see((self.store.url, self.job, r), count)
+        return count
+
+    def _first_free(self, r: int, low: int) -> int:
+        """The first slot above `low` (taken) that was free when looked at: gallop up 1, 2, 4,
+        ... then bisect; its predecessor is taken, so the slots stay a prefix."""
+        step = 1
         while self.slot_exists(r, low + step):
             low += step
             step *= 2
@@ -349,7 +345,6 @@ class Rounds:
                 low = mid
             else:
                 high = mid
-        self._see((self.store.url, self.job, r), high)
         return high
 
     # --- closing, seal, record -----------------------------------------------------------------

@@ -7,9 +7,7 @@ run that includes the same updates must commit the same model bytes as the healt
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import threading
 import time
 import uuid
@@ -28,7 +26,7 @@ from microfl.jobs import JobSpec, create_job, load_job, model_key, revoke_client
 from microfl.local import attacks
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.invariants import check_job
-from microfl.local.kafka import KafkaCluster
+from microfl.local.kafka import KafkaCluster, read_events
 from microfl.local.proxies import EventChaosProxy, SlowTcpProxy
 from microfl.local.runtime import LocalRuntime
 from microfl.rounds import record_key, seal_key, updates_prefix
@@ -36,7 +34,7 @@ from microfl.serde import tensors_to_safetensors
 from microfl.store import GcsStore
 from microfl.tokens import issue_token
 
-__all__ = ["SCENARIOS", "ChaosEnv", "ScenarioResult", "report_markdown", "run_scenario"]
+__all__ = ["SCENARIOS", "ChaosEnv", "ScenarioResult", "run_scenario"]
 
 SECRET = "microfl-chaos-secret-0123456789-abcdef"
 
@@ -425,10 +423,17 @@ def _post(client: Client, i: int, r: int, seed: int, replays: int = 0) -> bool:
             raise
 
 
+def _bootstrap(env: ChaosEnv) -> str:
+    assert env.kafka is not None
+    return env.kafka.bootstrap
+
+
 def _dead_letters(env: ChaosEnv, job: str) -> int:
     return sum(
         data.get("job") == job
-        for data, _ in _records(env, ["microfl.aggregate.dlq", "microfl.finalize.dlq"])
+        for data, _ in read_events(
+            _bootstrap(env), ["microfl.aggregate.dlq", "microfl.finalize.dlq"]
+        )
     )
 
 
@@ -436,73 +441,5 @@ def _announcements(env: ChaosEnv, job: str) -> int:
     """update.accepted events published for the job (each accepted update needs one)."""
     return sum(
         data.get("job") == job and kind == events.UPDATE_ACCEPTED
-        for data, kind in _records(env, ["microfl.finalize"])
+        for data, kind in read_events(_bootstrap(env), ["microfl.finalize"])
     )
-
-
-def _records(env: ChaosEnv, topics: list[str]) -> list[tuple[dict, str]]:
-    """(event data, ce_type) of every record on the topics, read from the start."""
-    from confluent_kafka import Consumer
-
-    assert env.kafka is not None
-    consumer = Consumer(
-        {
-            "bootstrap.servers": env.kafka.bootstrap,
-            "group.id": uuid.uuid4().hex,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe(topics)
-    found = []
-    idle = time.monotonic() + 5
-    while time.monotonic() < idle:
-        for msg in consumer.consume(100, 0.5):
-            if msg.error() is None:
-                idle = time.monotonic() + 2
-                kind = dict(msg.headers() or []).get("ce_type")
-                with contextlib.suppress(ValueError, AttributeError):
-                    data = json.loads(msg.value() or b"{}")
-                    found.append((data if isinstance(data, dict) else {}, _text(kind)))
-    consumer.close()
-    return found
-
-
-def _text(value: str | bytes | None) -> str:
-    return value.decode("latin-1") if isinstance(value, bytes) else value or ""
-
-
-def report_markdown(results: list[ScenarioResult]) -> str:
-    lines = [
-        "| scenario | rounds committed | updates accepted | lost | double-counted | models = "
-        "offline FedAvg | model = healthy run | dead letters | recovery after each fault (s) "
-        "| time (s) |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- | ---: |",
-    ]
-    for res in results:
-        same = {None: "n/a", True: "yes", False: "NO"}[res.equals_healthy]
-        recovery = ", ".join(f"{s:g}" for s in res.recovery_seconds) or "-"
-        lines.append(
-            f"| {res.name} | {res.rounds_committed}/{res.rounds} | {res.accepted} | {res.lost} "
-            f"| {res.double_counted} | {'yes' if not res.wrong_models else 'NO'} | {same} "
-            f"| {res.dead_letters} | {recovery} | {res.seconds:g} |"
-        )
-    for res in results:
-        if res.hostile is not None:
-            h = res.hostile
-            lines += [
-                "",
-                f"Hostile clients ({res.name}): {h['tried']} hostile uploads tried, "
-                f"{h['as_contract']} answered with the contract's 4xx, {h['5xx']} answered 5xx "
-                f"(or not at all), {h['stored']} stored, "
-                f"{res.rounds - res.rounds_committed} rounds stalled; {h['replays']} replays of "
-                f"accepted updates answered 200, {h['announcements']} update.accepted events "
-                f"for {h['accepted']} accepted updates.",
-            ]
-    lines.append("")
-    for res in results:
-        lines.append(
-            f"- **{res.name}**: {'; '.join(res.faults) or 'no fault'}"
-            + (f". PROBLEMS: {'; '.join(res.problems)}" if res.problems else "")
-        )
-    return "\n".join(lines) + "\n"

@@ -8,8 +8,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microfl.errors import MicroFLError
+
+if TYPE_CHECKING:  # the chaos module needs the local extra; imported where it runs
+    from microfl.local.chaos import ScenarioResult
 
 __all__ = ["main"]
 
@@ -183,7 +187,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from microfl.local.chaos import SCENARIOS, ChaosEnv, report_markdown, run_scenario
+    from microfl.local.chaos import SCENARIOS, ChaosEnv, run_scenario
 
     names = list(SCENARIOS) if args.scenario == "all" else ["healthy", args.scenario]
     names = list(dict.fromkeys(names))
@@ -211,7 +215,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     healthy = results[0].model_sha256
     for res in results[1:]:
         res.equals_healthy = res.model_sha256 == healthy
-    table = report_markdown(results)
+    table = _report_markdown(results)
     print("\n" + table)
     if args.report:
         import platform
@@ -234,6 +238,43 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _report_markdown(results: list[ScenarioResult]) -> str:
+    """The fault report's table, the hostile-clients counts and what each scenario did."""
+    lines = [
+        "| scenario | rounds committed | updates accepted | lost | double-counted | models = "
+        "offline FedAvg | model = healthy run | dead letters | recovery after each fault (s) "
+        "| time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- | ---: |",
+    ]
+    for res in results:
+        same = {None: "n/a", True: "yes", False: "NO"}[res.equals_healthy]
+        recovery = ", ".join(f"{s:g}" for s in res.recovery_seconds) or "-"
+        lines.append(
+            f"| {res.name} | {res.rounds_committed}/{res.rounds} | {res.accepted} | {res.lost} "
+            f"| {res.double_counted} | {'yes' if not res.wrong_models else 'NO'} | {same} "
+            f"| {res.dead_letters} | {recovery} | {res.seconds:g} |"
+        )
+    for res in results:
+        if res.hostile is not None:
+            h = res.hostile
+            lines += [
+                "",
+                f"Hostile clients ({res.name}): {h['tried']} hostile uploads tried, "
+                f"{h['as_contract']} answered with the contract's 4xx, {h['5xx']} answered 5xx "
+                f"(or not at all), {h['stored']} stored, "
+                f"{res.rounds - res.rounds_committed} rounds stalled; {h['replays']} replays of "
+                f"accepted updates answered 200, {h['announcements']} update.accepted events "
+                f"for {h['accepted']} accepted updates.",
+            ]
+    lines.append("")
+    for res in results:
+        lines.append(
+            f"- **{res.name}**: {'; '.join(res.faults) or 'no fault'}"
+            + (f". PROBLEMS: {'; '.join(res.problems)}" if res.problems else "")
+        )
+    return "\n".join(lines) + "\n"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -304,3 +304,37 @@ def ensure_topics(bootstrap: str, partitions: int = 3, replication: int = 1) -> 
             except Exception as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise BusUnavailable(f"cannot create topic {name}: {exc}") from exc
+
+
+def read_events(bootstrap: str, topics: list[str], idle: float = 2.0) -> list[tuple[dict, str]]:
+    """(event data, ce_type) of every record on the topics, read from the start until none has
+    come for `idle` seconds (the fault scenarios count dead letters and announcements)."""
+    import json
+    import time
+
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe(topics)
+    found = []
+    until = time.monotonic() + 5
+    while time.monotonic() < until:
+        for msg in consumer.consume(100, 0.5):
+            if msg.error() is None:
+                until = time.monotonic() + idle
+                kind = dict(msg.headers() or []).get("ce_type")
+                try:
+                    data = json.loads(msg.value() or b"{}")
+                except ValueError:
+                    continue
+                text = kind.decode("latin-1") if isinstance(kind, bytes) else kind or ""
+                found.append((data if isinstance(data, dict) else {}, text))
+    consumer.close()
+    return found
