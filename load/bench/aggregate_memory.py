@@ -2,9 +2,10 @@
 memory bounded by fan-in x model size, independent of the number of clients).
 
 For each N a FileStore in a temp dir gets a job, N distinct client updates and the seal of
-round 1; then fresh processes (worker.py) compute every partial of the round one after another,
-commit the round, and check the model against a numpy FedAvg of the updates. This process only
-orchestrates and never imports numpy, so the children's peak RSS is their own."""
+round 1; then fresh processes (worker.py) build every node of the round's aggregation tree one
+after another (aggregate.build_node: the leaves, then the inner nodes), commit the round, and
+check the model against a numpy FedAvg of the updates. This process only orchestrates and
+never imports numpy, so the children's peak RSS is their own."""
 
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ def _one(n: int, root: Path) -> dict[str, Any]:
     )
     print(
         f"[{NAME}] N={n}:   {n} updates of {made['model_bytes'] / 2**20:.2f} MiB in "
-        f"{made['seconds']:.1f} s; {made['chunks']} chunks of {FAN_IN}",
+        f"{made['seconds']:.1f} s; {made['leaves']} leaves of {FAN_IN}, {made['nodes']} nodes",
         flush=True,
     )
-    row: dict[str, Any] = {"clients": n, "chunks": made["chunks"], "generate": made}
+    row: dict[str, Any] = {"clients": n, "nodes": made["nodes"], "generate": made}
     for phase in PHASES:
         print(f"[{NAME}] N={n}: {phase} (fresh process)", flush=True)
         got = _step(phase, root)
@@ -133,11 +134,13 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         f"Model: {cfg['params']:,} float32 parameters ({model_mib:.2f} MiB), fan-in "
         f"{cfg['fan_in']} (fan-in x model = {cfg['fan_in'] * model_mib:.1f} MiB), "
         f"{cfg['store']} on local disk. Each row is one fresh process: *aggregate* computes "
-        "every partial of the round one after another, *finalize* commits the round. Peak is "
-        "`ru_maxrss`; baseline is the RSS after imports; the committed model matched a numpy "
+        "every node of the round's tree one after another (leaves of fan-in updates, then inner "
+        "nodes), *finalize* commits the round from the top of the tree. Peak is `ru_maxrss`; "
+        "baseline is the RSS after imports and numba's kernels loaded; the committed model "
+        "matched a numpy "
         "FedAvg of the updates in every run.",
         "",
-        "| phase | clients | chunks | baseline MiB | peak MiB | peak - baseline MiB "
+        "| phase | clients | tree nodes | baseline MiB | peak MiB | peak - baseline MiB "
         "| (peak - baseline) / model | wall s | max rel. error |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -145,7 +148,8 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         for row in result["runs"]:
             got = row[phase]
             lines.append(
-                f"| {phase} | {row['clients']} | {row['chunks']} | {got['baseline_mib']:.1f} "
+                f"| {phase} | {row['clients']} | {row.get('nodes', row.get('chunks'))} "
+                f"| {got['baseline_mib']:.1f} "
                 f"| {got['peak_mib']:.1f} | {got['work_mib']:.1f} "
                 f"| {got['work_mib'] / model_mib:.1f}x | {got['seconds']:.2f} "
                 f"| {row['verify']['max_relative_error']:.1e} |"

@@ -4,9 +4,11 @@ in the same run: time, peak memory, and the model each produces.
 For each N a FileStore gets N updates of a 1M-parameter model and the seal of round 1. Then, each
 in a fresh process (peak = VmHWM of that process; "work" = peak - RSS after the imports):
 
-- microfl: aggregate.compute_partial for every chunk, then finalize.commit, one process doing the
-  work of all instances one after another. Its time includes reading every update from storage,
-  writing the partials (fsync) and the model.
+- microfl: aggregate.build_node for every node of the sealed round's tree (the leaves, then the
+  inner nodes), then finalize.commit, one process doing the work of all instances one after
+  another, numba's kernels loaded before (a warm instance). Its time includes reading every
+  update from storage, writing the nodes (fsync) and the model. In the platform the leaves are
+  folded while the round fills; here all of them come after the seal (the most work left).
 - flower-aggregate: flwr.server.strategy.aggregate.aggregate, fed what its API expects: a list of
   (list of ndarrays, num_examples), all N updates in memory at once.
 - flower-arrayrecords: flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords (what the
@@ -17,7 +19,8 @@ Flower's time is given twice: the aggregation call alone (updates already in mem
 loading the same safetensors files from disk (safetensors.numpy) into its input first. Then the
 three models are compared with each other and with an exact float64 FedAvg.
 
-flwr is not a runtime dependency: `pip install -e '.[bench]'`."""
+flwr is not a runtime dependency: `pip install -e '.[bench]'`, or a folder of it named by
+MICROFL_BENCH_DEPS (appended to sys.path, as in round_latency)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Any
 
 import procstat
 import report
+from round_latency import _extra_path
 
 __all__ = ["NAME", "markdown", "run", "targets"]
 
@@ -44,6 +48,7 @@ FLOWER_APIS = ("aggregate", "arrayrecords")
 
 
 def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
+    _extra_path()
     try:
         from importlib.metadata import version
 
@@ -61,7 +66,7 @@ def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
             procstat.log(NAME, f"N={n}: writing {n} updates of {PARAMS:,} parameters")
             made = _step("generate", root, str(n))
             row: dict[str, Any] = {"clients": n, "generate": made}
-            procstat.log(NAME, f"N={n}: microfl (compute_partial x {made['chunks']} + commit)")
+            procstat.log(NAME, f"N={n}: microfl (build_node x {made['nodes']} + commit)")
             row["microfl"] = _step("microfl", root)
             _say(n, "microfl", row["microfl"])
             for api in FLOWER_APIS:
@@ -170,10 +175,12 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         f"Same updates, same run: {cfg['params']:,} float32 parameters "
         f"({cfg['params'] * 4 / 2**20:.2f} MiB) per update, flwr {cfg['flwr']}. Each column "
         "is a fresh process; peak is its VmHWM, work is peak minus its RSS after imports. "
-        "**Micro-FL** = aggregate.compute_partial for every chunk (fan-in "
-        f"{cfg['fan_in']}) + finalize.commit, sequentially in one process, *including* reading "
-        "every update from the FileStore (page cache) and writing partials and model with "
-        "fsync. **Flower aggregate** = `flwr.server.strategy.aggregate.aggregate` on a list of "
+        "**Micro-FL** = aggregate.build_node for every node of the round's tree (fan-in "
+        f"{cfg['fan_in']}; leaves, then inner nodes) + finalize.commit, sequentially in one "
+        "process with numba's kernels loaded first (a warm instance), *including* reading "
+        "every update from the FileStore (page cache) and writing nodes and model with "
+        "fsync; every leaf after the seal (in the platform they are folded while the round "
+        "fills). **Flower aggregate** = `flwr.server.strategy.aggregate.aggregate` on a list of "
         "(ndarrays, num_examples); **Flower arrayrecords** = "
         "`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` (the message-API "
         "FedAvg's helper) on RecordDicts; both hold all N updates in memory, as their APIs "
@@ -206,8 +213,9 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         lines.append(f"- {row['clients']} clients: {pairs} ({'agree' if v['agree'] else 'DIFFER'})")
     lines += [
         "",
-        "Micro-FL sums in float64 and rounds once, so its model stays within about one float32 "
-        "rounding of the exact FedAvg whatever N. Both Flower helpers sum in float32 (float32 "
+        "Micro-FL sums exactly (integers on a fixed grid, microfl.exactsum) and rounds once, "
+        "so its model stays within about one float32 rounding of the exact FedAvg whatever N. "
+        "Both Flower helpers sum in float32 (float32 "
         "arrays times a Python number stay float32 in NumPy 2), so their error grows with N; "
         "where the pair differs by more than the tolerance, the column *max rel. diff vs "
         "exact* shows which side is off.",
@@ -243,10 +251,15 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
 def generate(root: Path, clients: int) -> dict[str, Any]:
     import synth
 
+    from microfl.jobs import load_job
+    from microfl.rounds import Rounds
+
     store, updates, seconds = synth.write_round(root, PARAMS, clients, FAN_IN)
+    sealed = Rounds(store, load_job(store, synth.JOB)).seal(synth.ROUND)
+    assert sealed is not None
     return {
         "seconds": seconds,
-        "chunks": -(-clients // FAN_IN),
+        "nodes": sum(sealed.tree.sizes),
         "model_bytes": updates.model_bytes,
         "params": PARAMS,
     }
@@ -255,27 +268,25 @@ def generate(root: Path, clients: int) -> dict[str, Any]:
 def microfl(root: Path) -> dict[str, Any]:
     import synth
 
-    from microfl.aggregate import compute_partial
     from microfl.backends import Backends
     from microfl.bus import MemoryBus
     from microfl.finalize import commit
-    from microfl.jobs import Seal, load_job, seal_key
+    from microfl.jobs import load_job
     from microfl.store import FileStore
 
     b = Backends(FileStore(root), MemoryBus())
+    spec = load_job(b.store, synth.JOB)
+    warm = synth.warm_kernels()
 
     def work() -> dict[str, Any]:
-        sealed = b.store.read(seal_key(synth.JOB, synth.ROUND))
-        assert sealed is not None
-        chunks = Seal.from_bytes(sealed).chunks
         start = time.perf_counter()
-        for chunk in range(chunks):
-            compute_partial(b, synth.JOB, synth.ROUND, chunk)
+        nodes = synth.build_tree(b, spec, synth.ROUND)
         aggregate_s = time.perf_counter() - start
-        if not commit(b, load_job(b.store, synth.JOB), synth.ROUND):
+        if not commit(b, spec, synth.ROUND):
             raise RuntimeError("finalize.commit did not commit round 1")
         return {
-            "chunks": chunks,
+            "nodes": nodes,
+            "warm_up_seconds": warm,
             "aggregate_phase_seconds": aggregate_s,
             "finalize_phase_seconds": time.perf_counter() - start - aggregate_s,
         }
@@ -284,11 +295,13 @@ def microfl(root: Path) -> dict[str, Any]:
 
 
 def flower(root: Path, api: str) -> dict[str, Any]:
+    _extra_path()
     import numpy as np
     import synth
     from safetensors import safe_open
 
-    from microfl.jobs import Seal, seal_key, update_key
+    from microfl.jobs import load_job
+    from microfl.rounds import Rounds, update_key
     from microfl.store import FileStore
 
     if api == "aggregate":
@@ -298,9 +311,9 @@ def flower(root: Path, api: str) -> dict[str, Any]:
         from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     store = FileStore(root)
-    sealed = store.read(seal_key(synth.JOB, synth.ROUND))
+    sealed = Rounds(store, load_job(store, synth.JOB)).seal(synth.ROUND)
     assert sealed is not None
-    clients = Seal.from_bytes(sealed).clients
+    clients = sealed.clients
     paths = [store.root / update_key(synth.JOB, synth.ROUND, c) for c in clients]
     names: list[str] = []
     timing: dict[str, float] = {}
@@ -352,16 +365,17 @@ def verify(root: Path) -> dict[str, Any]:
     import numpy as np
     import synth
 
-    from microfl.jobs import Seal, model_key, seal_key
+    from microfl.jobs import load_job, model_key
     from microfl.local.reference import TOLERANCE, fedavg_error
+    from microfl.rounds import Rounds
     from microfl.serde import tensors_from_safetensors
     from microfl.store import FileStore
 
     store = FileStore(root)
-    sealed = store.read(seal_key(synth.JOB, synth.ROUND))
+    sealed = Rounds(store, load_job(store, synth.JOB)).seal(synth.ROUND)
     data = store.read(model_key(synth.JOB, synth.ROUND))
     assert sealed is not None and data is not None
-    n = len(Seal.from_bytes(sealed).clients)
+    n = len(sealed.clients)
     exact = synth.Updates(synth.model(PARAMS, 0), n, 1).fedavg()
     models = {"microfl": tensors_from_safetensors(data)[0]}
     for api in FLOWER_APIS:

@@ -9,10 +9,12 @@ passes over all K (best of REPEATS):
 - read: FileStore.read of every update (page cache -> a new bytes object);
 - validate: jobs.validate_update (schema and the NaN/Inf scan) on updates in memory;
 - fold: the product's fold (PRODUCT_FOLD below) on updates in memory;
-- aggregate path: read + parse + validate + fold, chunk by chunk, as the aggregate function
-  does (the headline number: "read, validate, accumulate");
-- compute_partial: today's aggregate.compute_partial for every chunk, including serialising the
-  float64 partial and writing it create-only with fsync (left out once the function is gone);
+- aggregate path: read + parse + validate + fold, leaf by leaf (FAN_IN updates), as the aggregate
+  function does (the headline number: "read, validate, accumulate"); with PRODUCT_FOLD =
+  "aggregate" it is aggregate.fold_updates itself on the bytes read (schema checks; the values
+  are checked by the exact fold's range test);
+- build_node: aggregate.build_node for every leaf of the sealed round, including reading the
+  seal, serialising the exact partial and writing it create-only with fsync;
 - the other fold implementations that import (FOLDS), through the same path, for comparison.
 
 GB/s counts the updates' tensor bytes (float32), 1 GB = 1e9 bytes."""
@@ -41,11 +43,12 @@ FAN_IN = 10
 TARGET = 0.5  # aggregate path GB/s over memcpy GB/s
 HEADLINE = "aggregate_path"
 # >>> The product's partial-sum fold, the one line to adjust when the aggregate function's fold
-# changes: "strategy" (microfl.strategy.fold into a float64 sum, today's aggregate._partial_bytes),
-# "exactsum" (microfl.exactsum.ExactSum.fold, one update per call) or "exactsum_many"
-# (ExactSum.fold_many, one chunk of FAN_IN updates per call).
-PRODUCT_FOLD = "strategy"
-FOLDS = ("strategy", "exactsum", "exactsum_many")  # each measured if it imports
+# changes: "strategy" (microfl.strategy.fold into a float64 sum, the aggregate before issue 15),
+# "exactsum" (microfl.exactsum.ExactSum.fold, one update per call), "exactsum_many"
+# (ExactSum.fold_many, one leaf of FAN_IN updates per call) or "aggregate" (what
+# aggregate.fold_updates does: ExactSum.fold_many, aggregate.GROUP updates per call).
+PRODUCT_FOLD = "aggregate"
+FOLDS = ("strategy", "exactsum", "exactsum_many", "aggregate")  # each measured if it imports
 ROWS = (
     ("memcpy", "numpy memory copy (ceiling)"),
     ("read", "FileStore.read only"),
@@ -53,6 +56,7 @@ ROWS = (
     ("fold", "the product's fold only (in memory)"),
     ("aggregate_path", "**aggregate path: read + validate + fold**"),
     ("compute_partial", "compute_partial (+ partial serialised, written, fsync)"),
+    ("build_node", "build_node, every leaf (+ seal read, node serialised, written, fsync)"),
 )
 
 
@@ -133,8 +137,11 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         f"model size; about {cfg['distinct_mb']} MB of distinct updates per size (more than the "
         f"caches hold), fan-in {cfg['fan_in']}, files in the page cache, best of "
         f"{cfg['repeats']} passes. The aggregate path is what aggregate does per update: "
-        "FileStore.read, parse, validate_update (schema and NaN/Inf scan), the product's fold "
-        f"(`{_fold_of(runs[0]) if runs else '?'}`; PRODUCT_FOLD in fold_throughput.py). "
+        "FileStore.read, parse, validate, the product's fold "
+        f"(`{_fold_of(runs[0]) if runs else '?'}`; PRODUCT_FOLD in fold_throughput.py; "
+        "`aggregate` is aggregate.fold_updates itself: schema checks, values range-checked by "
+        "the exact fold, numba's kernels loaded before timing; `strategy` ran validate_update's "
+        "NaN/Inf scan and a float64 fold). "
         "*path with* rows run the same path with the other fold implementations that import.",
         "",
         f"| step | {head} |",
@@ -180,7 +187,9 @@ def _cell(value: float | None) -> str:
 # --- the child process -------------------------------------------------------------------------
 
 
-def _folds(base: dict[str, Any]) -> dict[str, Callable[[Iterable[tuple[Any, int]]], Any]]:
+def _folds(
+    base: dict[str, Any], max_weight: int
+) -> dict[str, Callable[[Iterable[tuple[Any, int]]], Any]]:
     """Every fold of FOLDS that imports: a function that sums one chunk's (tensors, weight)
     pairs, taking them one at a time from the iterator (or a chunk at a time, for fold_many)."""
     from microfl.strategy import fold
@@ -210,6 +219,20 @@ def _folds(base: dict[str, Any]) -> dict[str, Callable[[Iterable[tuple[Any, int]
         return acc
 
     out.update(exactsum=exact, exactsum_many=exact_many)
+    try:
+        from microfl.aggregate import GROUP
+    except ImportError:
+        return out
+
+    def product(items: Iterable[tuple[Any, int]]) -> Any:
+        pairs = list(items)
+        acc = ExactSum(base, max_weight=max_weight)
+        for i in range(0, len(pairs), GROUP):
+            group = pairs[i : i + GROUP]
+            acc.fold_many([t for t, _ in group], [int(n) for _, n in group])
+        return acc
+
+    out["aggregate"] = product
     return out
 
 
@@ -220,7 +243,9 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
     from microfl import aggregate
     from microfl.backends import Backends
     from microfl.bus import MemoryBus
-    from microfl.jobs import load_job, model_key, partials_prefix, update_key, validate_update
+    from microfl.exactsum import ExactSum
+    from microfl.jobs import load_job, model_key, validate_update
+    from microfl.rounds import Rounds, nodes_prefix, update_key
     from microfl.serde import tensors_from_safetensors
 
     model_bytes = params * 4
@@ -232,7 +257,8 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
     b = Backends(store, MemoryBus())
     spec = load_job(store, synth.JOB)
     base, _ = tensors_from_safetensors(store.read(model_key(synth.JOB, 0)) or b"")
-    folds = _folds(base)
+    folds = _folds(base, spec.max_examples)
+    synth.warm_kernels()
     if PRODUCT_FOLD not in folds:
         raise RuntimeError(f"PRODUCT_FOLD = {PRODUCT_FOLD!r} does not import here")
     keys = [update_key(synth.JOB, synth.ROUND, updates.client(i)) for i in range(k)]
@@ -275,15 +301,22 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
             for chunk in chunks:
                 folds[name](read_validate(chunk))
 
-        return run_path
+        def run_product() -> None:  # a leaf's work in aggregate.build_node, minus the write
+            for chunk in chunks:
+                acc = ExactSum(base, max_weight=spec.max_examples)
+                aggregate.fold_updates(acc, spec, [(key, store.read(key)) for key in chunk])
 
-    def clear_partials() -> None:
-        for key in store.list(partials_prefix(synth.JOB, synth.ROUND)):
+        return run_product if name == "aggregate" else run_path
+
+    def clear_nodes() -> None:
+        for key in store.list(nodes_prefix(synth.JOB, synth.ROUND)):
             store.delete(key)
 
-    def compute_partials() -> None:  # today's aggregate function, chunk by chunk
-        for c in range(len(chunks)):
-            aggregate.compute_partial(b, synth.JOB, synth.ROUND, c)  # type: ignore[attr-defined]
+    leaves = Rounds(store, spec).seal(synth.ROUND).tree.sizes[0]  # type: ignore[union-attr]
+
+    def build_leaves() -> None:  # the aggregate function, leaf by leaf
+        for j in range(leaves):
+            aggregate.build_node(b, spec, synth.ROUND, 0, j)
 
     steps: dict[str, tuple[Callable[[], None], Callable[[], None] | None]] = {
         "memcpy": (memcpy, None),
@@ -292,12 +325,12 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
         "fold": (fold_only, None),
         "aggregate_path": (path(PRODUCT_FOLD), None),
     }
-    try:  # gone with the streaming protocol: measured while it exists
-        compute_partials()
-        clear_partials()
-        steps["compute_partial"] = (compute_partials, clear_partials)
+    try:
+        build_leaves()
+        clear_nodes()
+        steps["build_node"] = (build_leaves, clear_nodes)
     except Exception as exc:  # noqa: BLE001  # any failure: the row is left out, and said why
-        procstat.log(NAME, f"  compute_partial left out: {type(exc).__name__}: {exc}")
+        procstat.log(NAME, f"  build_node left out: {type(exc).__name__}: {exc}")
     for name in folds:
         if name != PRODUCT_FOLD:
             steps[f"path_{name}"] = (path(name), None)

@@ -1,7 +1,5 @@
 """The local platform as the platform benchmarks drive it: a LocalRuntime with edited manifests,
-its processes sampled while it runs, the load generator as a child process, and (for the
-*patched* variant) the changes of patched.py put in place: in this process for the event
-dispatcher, and in every function instance through patched_main.py.
+its processes sampled while it runs, and the load generator as a child process.
 
 Imported by host processes only (it imports microfl.local, hence numpy)."""
 

@@ -158,7 +158,8 @@ def child(root: Path, n: int, limit: float) -> dict[str, Any]:
     from microfl import aggregate, events, finalize, ingest
     from microfl.backends import Backends
     from microfl.bus import MemoryBus
-    from microfl.jobs import JobSpec, create_job, model_key, record_key
+    from microfl.jobs import JobSpec, create_job, model_key
+    from microfl.rounds import record_key
     from microfl.serde import Event, json_from_bytes, tensors_from_safetensors
     from microfl.serde import tensors_to_safetensors as to_st
     from microfl.store import FileStore

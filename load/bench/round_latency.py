@@ -8,8 +8,8 @@ process (loadgen.py) posts the N updates over HTTP from a thread pool; the round
 last one is stored.
 
 - latency = the round record's committed_at - the time the last 2xx arrived; the seal's
-  sealed_at when there is one, and the objects the aggregation wrote under the round after
-  that 2xx (partials, tree nodes: whatever is not an update; file mtimes) split it;
+  sealed_at when there is one, and the tree nodes the aggregation wrote after that 2xx (file
+  mtimes under rounds/{r}/nodes/) split it;
 - Flower: in a fresh process, the N updates the record includes are loaded from the store into
   Flower RecordDicts and `flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords` is
   timed on them in memory (and a plain numpy float64 weighted mean), in the same run, so that
@@ -175,9 +175,10 @@ def _round(
     import localplat
     import synth
 
-    from microfl.jobs import JobSpec, create_job, model_key, record_key, seal_key, updates_prefix
+    from microfl.jobs import JobSpec, create_job, model_key
     from microfl.local import runtime as runtime_module
     from microfl.local.reference import TOLERANCE, fedavg_error
+    from microfl.rounds import nodes_prefix, record_key, seal_key
     from microfl.serde import json_from_bytes, tensors_from_safetensors, tensors_to_safetensors
     from microfl.store import FileStore
 
@@ -240,12 +241,7 @@ def _round(
         record = json_from_bytes(store.read(record_key(job, 1)) or b"{}")
         seal = json_from_bytes(store.read(seal_key(job, 1)) or b"{}")
         last = float(clients["last_202"])
-        round_prefix = updates_prefix(job, 1).rsplit("updates/", 1)[0]
-        written = sorted(
-            os.stat(root / key).st_mtime
-            for key in store.list(round_prefix)
-            if "/updates/" not in key and not key.endswith(".json")
-        )
+        written = sorted(os.stat(root / key).st_mtime for key in store.list(nodes_prefix(job, 1)))
         model, _ = tensors_from_safetensors(store.read(model_key(job, 1)) or b"")
         error = fedavg_error(model, synth.Updates(base, n, 1).fedavg())
         runtime.stop()  # the platform's processes are gone before Flower's are measured
@@ -342,7 +338,7 @@ def flower_step(root: Path, job: str, listing: Path) -> dict[str, Any]:
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
     from safetensors import safe_open
 
-    from microfl.jobs import update_key
+    from microfl.rounds import update_key
 
     clients = json.loads(listing.read_text())
     start = time.perf_counter()
@@ -489,8 +485,8 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         f"{cfg['store']}; one job per row with min_clients = N, fan-in {cfg['fan_in']}; a load "
         f"generator process posts the N updates over HTTP with {cfg['threads']} threads. "
         "**Latency** is the round record's committed_at minus the arrival of the last 2xx; "
-        "*aggregation objects* are what the aggregation wrote under the round (partials, tree "
-        "nodes) before and after that 2xx. **Flower** is `aggregate_arrayrecords` on the same "
+        "*aggregation objects* are the tree nodes (leaves and inner nodes) the aggregation wrote "
+        "before and after that 2xx. **Flower** is `aggregate_arrayrecords` on the same "
         "updates in memory, timed in a fresh process after the round, same run. Peak RSS is the "
         f"largest VmHWM of any process of the role, sampled every {SAMPLE} s; instances start "
         "as the manifests say, so cold starts are inside the latency.",

@@ -146,6 +146,9 @@ def _run_all(
 ) -> None:
     for name in names:
         module = importlib.import_module(name)
+        extra = os.environ.get("MICROFL_BENCH_DEPS")  # flwr there: see round_latency
+        if extra and extra not in sys.path:
+            sys.path.append(extra)
         if name == "flower_compare" and importlib.util.find_spec("flwr") is None:
             print(f"[{name}] skipped: flwr is not installed (pip install -e '.[bench]')")
             continue

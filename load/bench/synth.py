@@ -14,12 +14,25 @@ from pathlib import Path
 
 import numpy as np
 
-from microfl.jobs import JobSpec, Seal, create_job, seal_key, update_key
+from microfl.backends import Backends
+from microfl.jobs import JobSpec, create_job
 from microfl.local.reference import fedavg
+from microfl.rounds import Rounds, Seal, update_key
 from microfl.serde import tensors_to_safetensors
-from microfl.store import FileStore
+from microfl.store import FileStore, ObjectStore
 
-__all__ = ["JOB", "POOL", "ROUND", "Updates", "model", "shapes", "write_round"]
+__all__ = [
+    "JOB",
+    "POOL",
+    "ROUND",
+    "Updates",
+    "build_tree",
+    "model",
+    "seal_round",
+    "shapes",
+    "warm_kernels",
+    "write_round",
+]
 
 JOB = "bench"
 ROUND = 1
@@ -96,8 +109,8 @@ def write_round(
     root: Path, params: int, clients: int, fan_in: int, seed: int = 0
 ) -> tuple[FileStore, Updates, float]:
     """A FileStore with job JOB (min_clients = clients), every client's update for round 1 and
-    the seal: what aggregate and finalize find when the round has been sealed. Returns the
-    store, the updates and the seconds the writes took."""
+    the seal (seal_round): what aggregate and finalize find when the round has been sealed.
+    Returns the store, the updates and the seconds the writes took."""
     store = FileStore(root)
     base = model(params, seed)
     updates = Updates(base, clients, seed + 1)
@@ -108,8 +121,45 @@ def write_round(
     start = time.perf_counter()
     for client, body in updates.bodies():
         store.create(update_key(JOB, ROUND, client), body)
-    names = tuple(updates.client(i) for i in range(clients))
-    seal = Seal(ROUND, names, fan_in, "quorum", time.time(), "bench")
-    if not store.create(seal_key(JOB, ROUND), seal.to_bytes()):
-        raise RuntimeError(f"round {ROUND} of job {JOB!r} in {root} was sealed already")
+    seal_round(store, spec, ROUND, [updates.client(i) for i in range(clients)])
     return store, updates, time.perf_counter() - start
+
+
+def seal_round(store: ObjectStore, spec: JobSpec, r: int, clients: list[str]) -> Seal:
+    """Seal round r over the stored updates of `clients` as if none had claimed a slot: every
+    one is in the seal's tail, in sorted order (the leaves are then built after the seal, as
+    for updates that arrive while the round closes)."""
+    names = tuple(sorted(clients))
+    seal = Seal(r, names, spec.fan_in, "quorum", time.time(), "bench", slots=0, tail=names)
+    sealed, created = Rounds(store, spec).create_seal(seal)
+    if not created:
+        raise RuntimeError(f"round {r} of job {spec.job!r} was sealed already")
+    return sealed
+
+
+def build_tree(b: Backends, spec: JobSpec, r: int) -> int:
+    """Every node of sealed round r's tree, level by level, as aggregate builds them
+    (aggregate.build_node; finalize.commit then merges the top). Returns the number of nodes."""
+    from microfl.aggregate import build_node
+
+    sealed = Rounds(b.store, spec).seal(r)
+    if sealed is None:
+        raise RuntimeError(f"round {r} of job {spec.job!r} is not sealed")
+    sizes = sealed.tree.sizes
+    for level, n in enumerate(sizes):
+        for j in range(n):
+            build_node(b, spec, r, level, j)
+    return sum(sizes)
+
+
+def warm_kernels() -> float:
+    """Compile (or load from numba's cache) exactsum's kernels for float32 updates in every
+    group size aggregate folds, so a timed fold is a warm instance's; returns the seconds."""
+    from microfl.aggregate import GROUP
+    from microfl.exactsum import ExactSum
+
+    start = time.perf_counter()
+    base = {"w": np.ones(16, dtype=np.float32)}
+    for n in range(1, GROUP + 1):
+        ExactSum(base).fold_many([base] * n, [1] * n)
+    return time.perf_counter() - start

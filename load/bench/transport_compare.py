@@ -146,10 +146,11 @@ def _round(
     import localplat
     import synth
 
-    from microfl.jobs import model_key, partials_prefix, record_key, seal_key
+    from microfl.jobs import model_key
     from microfl.local import pubsub
     from microfl.local.reference import TOLERANCE, fedavg_error
     from microfl.local.runtime import LocalRuntime
+    from microfl.rounds import nodes_prefix, record_key, seal_key
     from microfl.serde import json_from_bytes, tensors_from_safetensors
     from microfl.store import FileStore
 
@@ -195,7 +196,7 @@ def _round(
         record = json_from_bytes(store.read(record_key(job, 1)) or b"{}")
         seal = json_from_bytes(store.read(seal_key(job, 1)) or b"{}")
         partial_times = sorted(
-            os.stat(root / key).st_mtime for key in store.list(partials_prefix(job, 1))
+            os.stat(root / key).st_mtime for key in store.list(nodes_prefix(job, 1))
         )
         model, _ = tensors_from_safetensors(store.read(model_key(job, 1)) or b"")
         error = fedavg_error(model, synth.Updates(synth.model(PARAMS, 0), n, 1).fedavg())
@@ -258,7 +259,7 @@ def _post(store: Any, runtime: Any, job: str, n: int, threads: int, secret: str)
 
 
 def _wait(store: Any, job: str) -> None:
-    from microfl.jobs import record_key
+    from microfl.rounds import record_key
 
     deadline = time.monotonic() + COMMIT_TIMEOUT
     while not store.exists(record_key(job, 1)):

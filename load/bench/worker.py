@@ -2,7 +2,7 @@
 that step alone. Prints one JSON object on the last line of stdout.
 
     worker.py generate ROOT JOB --clients N --fan-in K --seed S   job, N updates, the seal
-    worker.py aggregate ROOT JOB                                   every partial of round 1
+    worker.py aggregate ROOT JOB                                   every tree node of round 1
     worker.py finalize ROOT JOB                                    commit round 1
     worker.py verify ROOT JOB                                      model 1 == numpy FedAvg
 
@@ -21,23 +21,14 @@ from typing import Any
 
 import numpy as np
 import procstat
+import synth
 
-from microfl.aggregate import compute_partial
 from microfl.backends import Backends
 from microfl.bus import MemoryBus
 from microfl.finalize import commit
-from microfl.jobs import (
-    JobSpec,
-    Seal,
-    create_job,
-    load_job,
-    model_key,
-    record_key,
-    seal_key,
-    update_key,
-    updates_prefix,
-)
+from microfl.jobs import JobSpec, create_job, load_job, model_key
 from microfl.local.reference import TOLERANCE, fedavg, fedavg_error
+from microfl.rounds import record_key, update_key, updates_prefix
 from microfl.serde import json_from_bytes, tensors_to_safetensors
 from microfl.store import FileStore
 
@@ -88,27 +79,27 @@ def generate(
         name = f"client-{i:06d}"
         store.create(update_key(job, ROUND, name), tensors_to_safetensors(update, metadata))
         names.append(name)
-    seal = Seal(ROUND, tuple(sorted(names)), fan_in, "quorum", time.time(), "bench")
-    if not store.create(seal_key(job, ROUND), seal.to_bytes()):
-        raise RuntimeError(f"round {ROUND} of job {job!r} was sealed already")
+    seal = synth.seal_round(store, spec, ROUND, names)
     return {
         "seconds": time.perf_counter() - start,
-        "chunks": seal.chunks,
+        "leaves": seal.tree.sizes[0],
+        "nodes": sum(seal.tree.sizes),
         "params": sum(arr.size for arr in model.values()),
         "model_bytes": sum(arr.nbytes for arr in model.values()),
     }
 
 
 def aggregate(root: str, job: str) -> dict[str, Any]:
+    """Every node of the sealed round's tree, one after another (numba's kernels loaded or
+    compiled before the measured work, as in a warm instance)."""
     b = Backends(FileStore(root), MemoryBus())
+    spec = load_job(b.store, job)
+    warm = synth.warm_kernels()
 
     def work() -> dict[str, Any]:
-        sealed = b.store.read(seal_key(job, ROUND))
-        assert sealed is not None, "generate writes the seal"
-        chunks = Seal.from_bytes(sealed).chunks
-        for chunk in range(chunks):
-            compute_partial(b, job, ROUND, chunk)
-        return {"chunks": chunks, "events": len(b.bus.events)}  # type: ignore[attr-defined]
+        nodes = synth.build_tree(b, spec, ROUND)
+        events = len(b.bus.events)  # type: ignore[attr-defined]
+        return {"nodes": nodes, "events": events, "warm_up_seconds": warm}
 
     return _measured(work)
 
