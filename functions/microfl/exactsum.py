@@ -26,17 +26,13 @@ of the largest |mean| unless the mean shrinks below ~2**-21 of the base's larges
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from microfl.errors import InvalidUpdate
-
-try:  # optional: the fused, blocked loop; the numpy path gives the same bytes, more slowly
-    from numba import njit
-except ImportError:  # pragma: no cover
-    njit = None  # type: ignore[assignment]
 
 __all__ = ["MAX_UPDATES", "ExactSum", "ValueOutOfRange"]
 
@@ -86,42 +82,50 @@ def _group_np(
         _carry_np(hi[start:stop], lo[start:stop])
 
 
-if njit is not None:
-
-    @njit(nogil=True, cache=True)
-    def _fold_nb(hi, lo, x, c, xlim):  # type: ignore[no-untyped-def]
-        bad = 0
-        for i in range(x.size):
-            v = np.float64(x[i])
-            ok = abs(v) < xlim
-            bad += 0 if ok else 1
-            y = np.rint((v if ok else 0.0) * c)
-            h = np.rint(y * _IR)
-            lo[i] += np.int64(y - h * _R)
-            hi[i] += np.int64(h)
-        return bad
-
-    @njit(nogil=True, cache=True)
-    def _group_nb(hi, lo, xs, cs, xlim, bad):  # type: ignore[no-untyped-def]
-        for start in range(0, hi.size, BLOCK):
-            stop = min(start + BLOCK, hi.size)
-            for k in range(len(xs)):
-                if bad[k] < 0 and _fold_nb(
-                    hi[start:stop], lo[start:stop], xs[k][start:stop], cs[k], xlim
-                ):
-                    bad[k] = stop
+def _group_loop(hi, lo, xs, cs, xlim, bad):  # type: ignore[no-untyped-def]
+    """_group_np's loop, element by element, for numba to compile (see _kernel): one pass over
+    each update and the accumulator block, no temporaries."""
+    for start in range(0, hi.size, BLOCK):
+        stop = min(start + BLOCK, hi.size)
+        for k in range(len(xs)):
+            if bad[k] >= 0:
+                continue
+            x, c, refused = xs[k], cs[k], 0
             for i in range(start, stop):
-                carry = lo[i] >> LIMB
-                lo[i] &= _MASK
-                hi[i] += carry
+                v = np.float64(x[i])
+                ok = abs(v) < xlim
+                refused += 0 if ok else 1
+                y = np.rint((v if ok else 0.0) * c)
+                h = np.rint(y * _IR)
+                lo[i] += np.int64(y - h * _R)
+                hi[i] += np.int64(h)
+            if refused:
+                bad[k] = stop
+        for i in range(start, stop):
+            carry = lo[i] >> LIMB
+            lo[i] &= _MASK
+            hi[i] += carry
+
+
+@functools.cache
+def _kernel() -> Callable[..., None] | None:
+    """_group_loop compiled by numba (or loaded from its cache) on the first fold. Only
+    aggregate folds, so ingest and finalize never load numba (it adds ~180 MiB to a process);
+    without numba the numpy path gives the same bytes, more slowly."""
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover
+        return None
+    return njit(nogil=True, cache=True)(_group_loop)
 
 
 def _group(hi: np.ndarray, lo: np.ndarray, xs: tuple, cs: np.ndarray, xlim: float) -> np.ndarray:
     """Fold a group of flat updates of one tensor; bad[k] >= 0: update k refused, folded into
     elements [0, bad[k]) (the caller rolls that back)."""
     bad = np.full(len(xs), -1, dtype=np.int64)
-    if njit is not None and xs[0].dtype in (np.float32, np.float64):
-        _group_nb(hi, lo, xs, cs, xlim, bad)
+    kernel = _kernel() if xs[0].dtype in (np.float32, np.float64) else None
+    if kernel is not None:
+        kernel(hi, lo, xs, cs, xlim, bad)
     else:
         _group_np(hi, lo, xs, cs, xlim, bad)
     return bad
