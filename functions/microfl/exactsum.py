@@ -90,15 +90,15 @@ def _group_loop(hi, lo, xs, cs, xlim, bad):  # type: ignore[no-untyped-def]
         for k in range(len(xs)):
             if bad[k] >= 0:
                 continue
-            x, c, refused = xs[k], cs[k], 0
-            for i in range(start, stop):
+            hs, ls, x, c, refused = hi[start:stop], lo[start:stop], xs[k][start:stop], cs[k], 0
+            for i in range(x.size):
                 v = np.float64(x[i])
                 ok = abs(v) < xlim
                 refused += 0 if ok else 1
                 y = np.rint((v if ok else 0.0) * c)
                 h = np.rint(y * _IR)
-                lo[i] += np.int64(y - h * _R)
-                hi[i] += np.int64(h)
+                ls[i] += np.int64(y - h * _R)
+                hs[i] += np.int64(h)
             if refused:
                 bad[k] = stop
         for i in range(start, stop):
