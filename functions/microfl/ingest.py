@@ -157,8 +157,17 @@ def _store_update(
         # A replay publishes nothing, so a flood of them makes no work. If the instance that
         # stored the update died before announcing it, finalize's sweep or seal finds it.
         return 200, {"round": r, "client": client, "status": "replay"}
-    b.bus.publish([events.update_accepted(job, r, client, slot)], key=job)
+    if _wakes_finalize(spec, slot):
+        b.bus.publish([events.update_accepted(job, r, client, slot)], key=job)
     return 202, {"round": r, "client": client, "status": "accepted"}
+
+
+def _wakes_finalize(spec: JobSpec, slot: int) -> bool:
+    """Finalize has work for a new update only when its slot fills a leaf (the leaf can be
+    folded) or may complete the quorum; the other uploads announce nothing, so finalize's
+    ordered stream carries about one event per fan_in updates. Slots are a prefix, so the leaf's
+    other slots are taken; a lost announcement is found by the sweep, like any lost event."""
+    return (slot + 1) % spec.fan_in == 0 or slot >= spec.min_clients - 1
 
 
 @contextmanager

@@ -334,7 +334,7 @@ def run_scenario(
             if got != want
         ]
         problems += [f"{hostile['stored']} hostile upload(s) stored"] * (hostile["stored"] > 0)
-        if hostile["announcements"] != hostile["accepted"]:
+        if hostile["announcements"] > hostile["accepted"]:  # at most one per new update
             problems.append(
                 f"{hostile['announcements']} update.accepted events for {hostile['accepted']} "
                 f"accepted updates and {hostile['replays']} replays: replays must publish nothing"

@@ -266,7 +266,7 @@ def _report_markdown(results: list[ScenarioResult]) -> str:
                 f"(or not at all), {h['stored']} stored, "
                 f"{res.rounds - res.rounds_committed} rounds stalled; {h['replays']} replays of "
                 f"accepted updates answered 200, {h['announcements']} update.accepted events "
-                f"for {h['accepted']} accepted updates.",
+                f"for {h['accepted']} accepted updates (at most one each; none for a replay).",
             ]
     lines.append("")
     for res in results:
