@@ -4,6 +4,7 @@ faults."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from fl import SECRET, make_model, make_updates, new_job, post_all, reference
+from microfl import faults
 from microfl.jobs import JobSpec, create_job, model_key
 from microfl.local.invariants import check_job
 from microfl.local.runtime import LocalRuntime
@@ -20,16 +22,13 @@ from microfl.rounds import record_key
 from microfl.serde import json_from_bytes, tensors_to_safetensors
 from microfl.store import FileStore
 
-FAILPOINTS = [
-    "aggregate.mid_fold",
-    "aggregate.after_partial",
-    "finalize.after_request",
-    "finalize.after_closing",
-    "finalize.after_seal",
-    "finalize.mid_combine",
-    "finalize.after_model",
-    "finalize.after_record",
-]
+# The event functions' failpoints (ingest's: the in-process property, test_tree_property.py)
+FAILPOINTS = [n for n in faults.FAILPOINTS if n.split(".")[0] in ("aggregate", "finalize")]
+
+
+def test_the_failpoint_list_names_every_failpoint_in_the_code() -> None:
+    code = "\n".join(p.read_text() for p in Path(faults.__file__).parent.rglob("*.py"))
+    assert set(re.findall(r'failpoint\("([a-z_.]+)"\)', code)) == set(faults.FAILPOINTS)
 
 
 @pytest.fixture(scope="module")

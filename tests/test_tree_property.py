@@ -15,25 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fl import healthy_run
-from microfl import finalize
+from microfl import faults, finalize
 from microfl.jobs import create_job, model_key
 from microfl.local.invariants import check_job
 from microfl.rounds import update_key
 from microfl.store import FileStore
 from treeplay import T0, Play
 
-FAILPOINTS = [
-    "ingest.after_update",
-    "ingest.after_slot",
-    "aggregate.mid_fold",
-    "aggregate.after_partial",
-    "finalize.after_request",
-    "finalize.after_closing",
-    "finalize.after_seal",
-    "finalize.mid_combine",
-    "finalize.after_model",
-    "finalize.after_record",
-]
+FAILPOINTS = [n for n in faults.FAILPOINTS if not n.startswith("jobs.")]
 
 
 def model() -> dict[str, np.ndarray]:

@@ -12,7 +12,23 @@ import signal
 import time
 from pathlib import Path
 
-__all__ = ["clock", "failpoint"]
+__all__ = ["FAILPOINTS", "clock", "failpoint"]
+
+# Every failpoint in the code (tests/test_dataplane_faults.py checks the list against it): the
+# fault tests crash at each of them.
+FAILPOINTS = (
+    "ingest.after_update",
+    "ingest.after_slot",
+    "aggregate.mid_fold",
+    "aggregate.after_partial",
+    "finalize.after_request",
+    "finalize.after_closing",
+    "finalize.after_seal",
+    "finalize.mid_combine",
+    "finalize.after_model",
+    "finalize.after_record",
+    "jobs.after_model",
+)
 
 
 def failpoint(name: str) -> None:
