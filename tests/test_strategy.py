@@ -8,7 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from microfl.local.reference import fedavg, fedavg_mismatch
-from microfl.strategy import FedAdam, FedAvg, cast_like, fold, make_strategy, mean_of, merge
+from microfl.strategy import (
+    FedAdam,
+    FedAvg,
+    cast_like,
+    check_options,
+    fold,
+    make_strategy,
+    mean_of,
+    merge,
+)
 
 SHAPES = {"w": (3, 4), "b": (4,), "s": ()}
 
@@ -226,6 +235,33 @@ def test_make_strategy() -> None:
         make_strategy("fedyogi")
     with pytest.raises(ValueError):
         make_strategy("FedAvg")
+    with pytest.raises(ValueError, match="coordinate-wise"):
+        make_strategy("median")
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("fedavg", {"lr": 0.1}, "fedavg takes clip; not lr"),
+        ("median", {"beta": 0.1}, "median takes no options; not beta"),
+        ("trimmed-mean", {"beta": 0.5}, r"beta=0.5 is out of range; use one in \[0, 0.5\)"),
+        ("krum", {"f": 1.5}, "must be a whole number"),
+        ("krum", {"m": 0}, "out of range"),
+        ("dp-fedavg", {"target_quantile": 1.0}, "out of range"),
+        ("dp-fedavg", {"noise_multiplier": 0}, "out of range"),
+        ("fedavg", {"clip": -1}, "out of range"),
+    ],
+)
+def test_strategy_options_are_checked_with_what_to_fix(name, options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_options(name, options)
+
+
+def test_strategy_options_fill_in_defaults() -> None:
+    assert check_options("trimmed-mean", {}) == {"beta": 0.1}
+    assert check_options("krum", {"f": 2}) == {"f": 2.0, "m": 1.0}
+    assert "target_quantile" not in check_options("dp-fedavg", {})
+    assert check_options("fedavg", {"clip": 2}) == {"clip": 2.0}
 
 
 def test_the_reference_holds_models_to_one_part_in_a_million_of_the_largest_weight() -> None:

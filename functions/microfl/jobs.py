@@ -32,6 +32,7 @@ from microfl.serde import (
     tensors_from_safetensors,
 )
 from microfl.store import ObjectStore
+from microfl.strategy import SHARDED, check_options
 
 __all__ = [
     "JobSpec",
@@ -47,7 +48,6 @@ __all__ = [
     "validate_update",
 ]
 
-STRATEGIES = ("fedavg", "fedadam")
 MAX_EXAMPLES = 10**12  # the most any job may allow; a num_examples above it is malformed (400)
 # One client's default share of a FedAvg round: a million examples outweighs any honest device;
 # a job with bigger clients raises it (`--max-examples`).
@@ -61,6 +61,9 @@ DEFAULT_MAX_EXAMPLES = 1_000_000
 # casts back without overflow. Whatever still overflows is caught at commit (finalize).
 MAX_F64_MAGNITUDE = 1e150
 HEADER_ROOM = 4 * 1024  # bytes of an update's header beyond twice the model's: its __metadata__
+# Bytes of update values one instance may hold for a coordinate-wise statistic (median,
+# trimmed mean, Krum): it sets the coordinate shard's width, N updates x width x 8 bytes.
+DEFAULT_MEMORY_BUDGET = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class JobSpec:
     created_at: float = 0.0
     max_examples: int = DEFAULT_MAX_EXAMPLES  # job.json files without it load with the default
     model_sha256: str = ""  # model 0's hash, set by create_job ("" in older jobs)
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes; see DEFAULT_MEMORY_BUDGET
 
     def __post_init__(self) -> None:
         problems = []
@@ -101,12 +105,32 @@ class JobSpec:
             problems.append("fan_in must be >= 1")
         if not 1 <= self.max_examples <= MAX_EXAMPLES:
             problems.append(f"max_examples must be between 1 and {MAX_EXAMPLES}")
-        if self.strategy not in STRATEGIES:
-            problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
+        try:
+            options = check_options(self.strategy, self.strategy_options)
+        except ValueError as exc:
+            problems.append(str(exc))
+        else:
+            if self.strategy == "krum" and self.min_clients < 2 * options["f"] + 3:
+                problems.append(
+                    f"krum with f={options['f']:g} needs min_clients >= 2f+3 = "
+                    f"{2 * options['f'] + 3:g}; raise --min-clients or lower f"
+                )
+        if self.memory_budget < 1 << 20:
+            problems.append("memory_budget must be at least 1 MiB")
         if not self.schema:
             problems.append("the model has no tensors")
         if problems:
             raise ConfigError(f"job {self.job!r}: " + "; ".join(problems))
+
+    @property
+    def options(self) -> dict[str, float]:
+        """The strategy's options, defaults filled in (strategy.OPTIONS)."""
+        return check_options(self.strategy, self.strategy_options)
+
+    @property
+    def sharded(self) -> bool:
+        """A coordinate-wise statistic: no eager folding; shards computed after the seal."""
+        return self.strategy in SHARDED
 
     @property
     def update_limit(self) -> int:

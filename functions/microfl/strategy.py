@@ -7,15 +7,85 @@ caller stores beside the model. Client-side strategies (FedProx) need nothing he
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-__all__ = ["FedAdam", "FedAvg", "Strategy", "fold", "make_strategy", "mean_of", "merge"]
+__all__ = [
+    "OPTIONS",
+    "SHARDED",
+    "FedAdam",
+    "FedAvg",
+    "Strategy",
+    "check_options",
+    "fold",
+    "make_strategy",
+    "mean_of",
+    "merge",
+]
 
 Tensors = dict[str, np.ndarray]
+
+# Every strategy a job may name, with its options and their defaults (None: off unless given).
+# `clip` is an L2 bound on each client's delta from the round's base model.
+OPTIONS: dict[str, dict[str, float | None]] = {
+    "fedavg": {"clip": None},
+    "fedadam": {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3, "clip": None},
+    "median": {},
+    "trimmed-mean": {"beta": 0.1},
+    "krum": {"f": 0, "m": 1},
+    "dp-fedavg": {
+        "noise_multiplier": 1.0,
+        "clip": 1.0,  # the bound, or with target_quantile the first round's bound
+        "target_quantile": None,  # adaptive clipping (Andrew et al. 2021) when given
+        "clip_lr": 0.2,  # adaptive clipping's learning rate (eta_C)
+        "delta": 1e-5,
+    },
+}
+# Coordinate-wise statistics: computed over coordinate shards after the seal, not folded.
+SHARDED = frozenset({"median", "trimmed-mean", "krum"})
+_INTEGER = frozenset({"f", "m"})
+# (lowest, highest, whether the lowest itself is allowed); highest is always excluded.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "clip": (0.0, math.inf, False),
+    "lr": (0.0, math.inf, False),
+    "beta1": (0.0, 1.0, True),
+    "beta2": (0.0, 1.0, True),
+    "tau": (0.0, math.inf, False),
+    "beta": (0.0, 0.5, True),
+    "f": (0.0, math.inf, True),
+    "m": (1.0, math.inf, True),
+    "noise_multiplier": (0.0, math.inf, False),
+    "target_quantile": (0.0, 1.0, False),
+    "clip_lr": (0.0, math.inf, False),
+    "delta": (0.0, 1.0, False),
+}
+
+
+def check_options(name: str, options: Mapping[str, float]) -> dict[str, float]:
+    """The strategy's options with defaults filled in (None-defaults left out unless given);
+    ValueError saying what to fix for an unknown strategy, option or value."""
+    if name not in OPTIONS:
+        raise ValueError(f"unknown strategy {name!r}; use one of {', '.join(OPTIONS)}")
+    known = OPTIONS[name]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = ", ".join(known) or "no options"
+        raise ValueError(f"strategy {name} takes {takes}; not {', '.join(unknown)}")
+    out = {k: float(v) for k, v in known.items() if v is not None}
+    for key, raw in options.items():
+        value = float(raw)
+        low, high, closed = _RANGES[key]
+        if not (low <= value < high if closed else low < value < high):
+            bounds = f"{'[' if closed else '('}{low:g}, {high:g})"
+            raise ValueError(f"strategy option {key}={raw} is out of range; use one in {bounds}")
+        if key in _INTEGER and value != int(value):
+            raise ValueError(f"strategy option {key}={raw} must be a whole number")
+        out[key] = value
+    return out
 
 
 def fold(acc: Tensors | None, update: Mapping[str, np.ndarray], weight: float) -> Tensors:
@@ -108,12 +178,11 @@ class FedAdam:
 
 
 def make_strategy(name: str, options: Mapping[str, float] | None = None) -> Strategy:
-    if name == "fedavg":
+    """The server update of a summing strategy (dp-fedavg's is FedAvg's on the noised mean)."""
+    given = check_options(name, options or {})
+    given.pop("clip", None)
+    if name in ("fedavg", "dp-fedavg"):
         return FedAvg()
     if name == "fedadam":
-        given = dict(options or {})
-        unknown = sorted(set(given) - {"lr", "beta1", "beta2", "tau"})
-        if unknown:
-            raise ValueError(f"fedadam takes options lr, beta1, beta2, tau; not {unknown}")
-        return FedAdam(**{k: float(v) for k, v in given.items()})  # type: ignore[arg-type]
-    raise ValueError(f"unknown strategy {name!r}; use fedavg or fedadam")
+        return FedAdam(**given)  # type: ignore[arg-type]
+    raise ValueError(f"strategy {name} is a coordinate-wise statistic, not a server update")

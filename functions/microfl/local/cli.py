@@ -138,7 +138,9 @@ def cmd_job_create(args: argparse.Namespace) -> int:
         min_clients=args.min_clients,
         round_timeout=args.round_timeout,
         strategy=args.strategy,
+        strategy_options=_strategy_options(args.strategy_option),
         fan_in=args.fan_in,
+        memory_budget=args.memory_budget << 20,
         max_examples=args.max_examples,
         created_at=time.time(),
     )
@@ -152,6 +154,19 @@ def cmd_job_create(args: argparse.Namespace) -> int:
         + ("" if created else " (made earlier with this model and options; nothing changed)")
     )
     return 0
+
+
+def _strategy_options(pairs: list[str]) -> dict[str, float]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--strategy-option {pair!r}: write KEY=NUMBER, e.g. beta=0.2")
+    return options
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
@@ -329,7 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds after which a round seals with what it has",
     )
-    p.add_argument("--strategy", choices=("fedavg", "fedadam"), default="fedavg")
+    from microfl.strategy import OPTIONS
+
+    p.add_argument("--strategy", choices=tuple(OPTIONS), default="fedavg")
+    p.add_argument(
+        "--strategy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a strategy option, repeatable: "
+        + "; ".join(f"{n}: {', '.join(o) or '-'}" for n, o in OPTIONS.items()),
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=int,
+        default=256,
+        metavar="MIB",
+        help="update values one instance holds for median, trimmed-mean and krum (sets the "
+        "coordinate shard width)",
+    )
     p.add_argument("--fan-in", type=int, default=10, help="updates per partial aggregation")
     from microfl.jobs import DEFAULT_MAX_EXAMPLES
 
