@@ -216,7 +216,10 @@ def run_scenario(
     clients: int = 8,
     rounds: int = 3,
     say: Callable[[str], None] = print,
+    strategy: str = "fedavg",
+    strategy_options: dict[str, float] | None = None,
 ) -> ScenarioResult:
+    """Run scenario `name` on a new job with the given aggregation strategy."""
     options = SCENARIOS[name]
     t0 = time.monotonic()
     work = env.workdir / name
@@ -253,6 +256,8 @@ def run_scenario(
         min_clients=clients + options.get("quorum_extra", 0),
         round_timeout=options.get("round_timeout", 120.0),
         fan_in=3,
+        strategy=strategy,
+        strategy_options=strategy_options or {},
         created_at=time.time(),
     )
     create_job(store, spec, tensors_to_safetensors(model))
@@ -285,7 +290,7 @@ def run_scenario(
     commits: list[float] = []
     problems: list[str] = []
     try:
-        say(f"[{name}] job {job}: {clients} clients x {rounds} rounds")
+        say(f"[{name}] job {job}: {clients} clients x {rounds} rounds, {strategy}")
         timeout = options.get("client_timeout", 60.0)
         users = [
             Client(

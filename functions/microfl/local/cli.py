@@ -169,6 +169,20 @@ def _strategy_options(pairs: list[str]) -> dict[str, float]:
     return options
 
 
+def _add_strategy_arguments(p: argparse.ArgumentParser) -> None:
+    from microfl.strategy import OPTIONS
+
+    p.add_argument("--strategy", choices=tuple(OPTIONS), default="fedavg")
+    p.add_argument(
+        "--strategy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a strategy option, repeatable: "
+        + "; ".join(f"{n}: {', '.join(o) or '-'}" for n, o in OPTIONS.items()),
+    )
+
+
 def cmd_token_issue(args: argparse.Namespace) -> int:
     from microfl.local.platform import local_secret
     from microfl.tokens import check_secret, issue_token, max_ttl_from_env
@@ -222,6 +236,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
                     clients=args.clients,
                     rounds=args.rounds,
                     say=lambda m: print(m, flush=True),
+                    strategy=args.strategy,
+                    strategy_options=_strategy_options(args.strategy_option),
                 )
             )
     finally:
@@ -237,7 +253,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
         head = (
             f"# Fault scenarios\n\nWritten by `microfl chaos {args.scenario} --seed "
-            f"{args.seed} --clients {args.clients} --rounds {args.rounds}` on "
+            f"{args.seed} --clients {args.clients} --rounds {args.rounds}"
+            + "".join(f" {a}" for a in _strategy_args(args))
+            + "` on "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
             f"Python {platform.python_version()}. Kafka: 3 nodes, RF 3, min ISR 2; storage: "
             "fake-gcs-server. Lost and double-counted must be 0; every model must equal the "
@@ -253,6 +271,12 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _strategy_args(args: argparse.Namespace) -> list[str]:
+    if args.strategy == "fedavg" and not args.strategy_option:
+        return []
+    return ["--strategy", args.strategy] + [f"--strategy-option {o}" for o in args.strategy_option]
 
 
 def _report_markdown(results: list[ScenarioResult]) -> str:
@@ -344,17 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds after which a round seals with what it has",
     )
-    from microfl.strategy import OPTIONS
-
-    p.add_argument("--strategy", choices=tuple(OPTIONS), default="fedavg")
-    p.add_argument(
-        "--strategy-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a strategy option, repeatable: "
-        + "; ".join(f"{n}: {', '.join(o) or '-'}" for n, o in OPTIONS.items()),
-    )
+    _add_strategy_arguments(p)
     p.add_argument(
         "--memory-budget",
         type=int,
@@ -404,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--report", type=Path, help="write the Markdown report here")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    _add_strategy_arguments(p)
     p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser("demo", help="run a real federated training run on the local platform")
