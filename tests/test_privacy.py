@@ -14,7 +14,9 @@ from typing import Any
 import dp_accounting
 import numpy as np
 import pytest
+import yaml
 from dp_accounting.rdp import RdpAccountant
+from jsonschema import Draft202012Validator
 
 from microfl import finalize
 from microfl.exactsum import ExactSum
@@ -47,6 +49,15 @@ from test_rounds_inprocess import (  # the in-process harness and its fixtures
 
 Tensors = dict[str, np.ndarray]
 KEY = noise_key(SECRET)
+OPENAPI = Path(__file__).resolve().parents[1] / "functions" / "openapi.yaml"
+
+
+def assert_documented(record: dict) -> None:
+    """The record is a CommittedRound of functions/openapi.yaml, privacy and clip included."""
+    components = yaml.safe_load(OPENAPI.read_text())["components"]
+    schema = {"$ref": "#/components/schemas/CommittedRound", "components": components}
+    errors = [e.message for e in Draft202012Validator(schema).iter_errors(record)]
+    assert errors == []
 
 
 # --- references, written from the papers, not from microfl.privacy -----------------------------
@@ -152,6 +163,7 @@ def test_fedavg_with_clip_commits_the_clipped_weighted_mean(
     assert fedavg_mismatch(p.model(1), fedavg(updates.values())) is not None  # clipping bit
     record = p.record(1)
     assert record is not None and record["clip"] == {"bound": 1.5, "clipped": 3}
+    assert_documented(record)
     assert record["num_examples"] == sum(n for _, n in updates.values())
     assert "privacy" not in record
 
@@ -232,6 +244,7 @@ def test_dp_model_is_the_noised_mean_of_clipped_updates_each_weighing_one(
     assert (privacy["noise_multiplier"], privacy["delta"], privacy["accountant"]) == (
         0.7, 1e-5, "rdp")
     assert privacy["count_noise_multiplier"] is None
+    assert_documented(record)
 
 
 def dp_plan(model: Tensors, seed: int, rounds: int = 2) -> list[dict[str, tuple[Tensors, int]]]:
@@ -373,6 +386,7 @@ def test_record_epsilon_is_dp_accountings_and_an_empty_round_spends_nothing(
     assert record1["privacy"]["cumulative"] == {"epsilon": pytest.approx(one, rel=1e-9),
                                                 "rounds": 1}
     assert record1["privacy"]["count_noise_multiplier"] == sigma_b
+    assert_documented(record1)
 
     poisoned = {k: a.copy() for k, a in p.model(1).items()}
     poisoned["fc.weight"][0, 0] = np.inf
