@@ -4,6 +4,7 @@ retry, a redelivery and any tree shape, adaptive clipping moves toward its quant
 privacy spent is dp-accounting's. Whole rounds run in the in-process harness of
 test_rounds_inprocess.py (functions-framework test clients, a FileStore, a hand-driven bus)."""
 
+# ruff: noqa: F811 (the harness's fixtures, imported below, are the tests' parameters)
 from __future__ import annotations
 
 import math
@@ -66,17 +67,23 @@ def assert_documented(record: dict) -> None:
 def clipped(update: Tensors, base: Tensors, bound: float, dp: bool = False) -> tuple[Tensors, bool]:
     """base + min(1, C/||delta||) * delta over all floating tensors; integers as sent (dp: the
     base's)."""
-    deltas = {k: u.astype(np.float64) - base[k].astype(np.float64)
-              for k, u in update.items() if u.dtype.kind == "f"}
+    deltas = {
+        k: u.astype(np.float64) - base[k].astype(np.float64)
+        for k, u in update.items()
+        if u.dtype.kind == "f"
+    }
     norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
     s = min(1.0, bound / norm)
-    out = {k: (base[k] + s * deltas[k] if k in deltas else (base[k] if dp else u))
-           for k, u in update.items()}
+    out = {
+        k: (base[k] + s * deltas[k] if k in deltas else (base[k] if dp else u))
+        for k, u in update.items()
+    }
     return out, norm <= bound
 
 
-def dp_reference(base: Tensors, updates: list[Tensors], bound: float, z: float, r: int,
-                 key: bytes = KEY) -> Tensors:
+def dp_reference(
+    base: Tensors, updates: list[Tensors], bound: float, z: float, r: int, key: bytes = KEY
+) -> Tensors:
     """(sum of clipped updates + N(0, (zC)^2) from the job's keyed generators) / n."""
     xs = [clipped(u, base, bound, dp=True)[0] for u in updates]
     mean = fedavg((x, 1) for x in xs)
@@ -98,17 +105,26 @@ def post_all(p: Platform, r: int, updates: dict[str, tuple[Tensors, int]]) -> No
         assert p.post(r, c, body(u, n))[0] == 202
 
 
-def spread(model: Tensors, clients: list[str], seed: int, scales: list[float]
-           ) -> dict[str, tuple[Tensors, int]]:
+def spread(
+    model: Tensors, clients: list[str], seed: int, scales: list[float]
+) -> dict[str, tuple[Tensors, int]]:
     """Updates whose deltas have L2 norms around the given scales (some clipped, some not)."""
     rng = np.random.default_rng(seed)
     out = {}
     for c, scale in zip(clients, scales, strict=True):
         delta = {k: rng.standard_normal(v.shape) for k, v in model.items() if v.dtype.kind == "f"}
         norm = math.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))
-        out[c] = ({k: ((v + delta[k] * scale / norm).astype(v.dtype) if k in delta
-                       else v + rng.integers(-5, 6, v.shape))
-                   for k, v in model.items()}, int(rng.integers(1, 500)))
+        out[c] = (
+            {
+                k: (
+                    (v + delta[k] * scale / norm).astype(v.dtype)
+                    if k in delta
+                    else v + rng.integers(-5, 6, v.shape)
+                )
+                for k, v in model.items()
+            },
+            int(rng.integers(1, 500)),
+        )
     return out
 
 
@@ -120,8 +136,13 @@ def test_clip_update_bounds_the_delta_over_all_floating_tensors() -> None:
     [(far, _)] = spread(base, ["far"], 1, [5.0]).values()
     out, within = clip_update(far, base, 2.0)
     assert not within
-    norm = math.sqrt(sum(float(np.sum((out[k] - base[k].astype(np.float64)) ** 2))
-                         for k in base if base[k].dtype.kind == "f"))
+    norm = math.sqrt(
+        sum(
+            float(np.sum((out[k] - base[k].astype(np.float64)) ** 2))
+            for k in base
+            if base[k].dtype.kind == "f"
+        )
+    )
     assert norm == pytest.approx(2.0, rel=1e-12)  # float64 values: rounding cannot exceed it
     assert all(out[k].dtype == np.float64 for k in base if base[k].dtype.kind == "f")
     np.testing.assert_array_equal(out["steps"], far["steps"])  # integers as sent
@@ -151,7 +172,8 @@ def test_clip_update_bounds_the_delta_over_all_floating_tensors() -> None:
 
 @pytest.mark.parametrize("fan_in", [1, 4])
 def test_fedavg_with_clip_commits_the_clipped_weighted_mean(
-        tmp_path: Path, apps: dict[str, Any], fan_in: int) -> None:  # noqa: F811
+    tmp_path: Path, apps: dict[str, Any], fan_in: int
+) -> None:
     model = initial_model(4)
     p = Platform(tmp_path, apps)
     p.create(model, rounds=1, min_clients=6, fan_in=fan_in, strategy_options={"clip": 1.5})
@@ -169,12 +191,12 @@ def test_fedavg_with_clip_commits_the_clipped_weighted_mean(
 
 
 def test_fedadam_with_clip_commits_adam_on_the_clipped_mean(
-        tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F811
+    tmp_path: Path, apps: dict[str, Any]
+) -> None:
     opts = {"lr": 0.05, "beta1": 0.8, "beta2": 0.95, "tau": 1e-3, "clip": 0.8}
     model = initial_model(6)
     p = Platform(tmp_path, apps)
-    p.create(model, rounds=1, min_clients=5, fan_in=2, strategy="fedadam",
-             strategy_options=opts)
+    p.create(model, rounds=1, min_clients=5, fan_in=2, strategy="fedadam", strategy_options=opts)
     updates = spread(model, [f"c{i}" for i in range(5)], 6, [0.2, 0.7, 2.0, 5.0, 50.0])
     post_all(p, 1, updates)
     p.drain()
@@ -199,19 +221,28 @@ def test_fedadam_with_clip_commits_adam_on_the_clipped_mean(
 
 def big_model() -> Tensors:
     rng = np.random.default_rng(9)
-    return {"w": rng.standard_normal((160, 125)).astype(np.float32),
-            "steps": np.array([3, 4], np.int64)}
+    return {
+        "w": rng.standard_normal((160, 125)).astype(np.float32),
+        "steps": np.array([3, 4], np.int64),
+    }
 
 
 def test_dp_noise_has_the_configured_standard_deviation(
-        tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F811
+    tmp_path: Path, apps: dict[str, Any]
+) -> None:
     """Clients that send the base model back: model 1 - model 0 is the noise alone, N(0,
     (zC/n)^2) on each of 20,000 coordinates (the sample std's own error is about 0.5 %)."""
     model = big_model()
     z, bound, n = 1.3, 0.5, 5
     p = Platform(tmp_path, apps)
-    p.create(model, rounds=1, min_clients=n, fan_in=2, strategy="dp-fedavg",
-             strategy_options={"noise_multiplier": z, "clip": bound})
+    p.create(
+        model,
+        rounds=1,
+        min_clients=n,
+        fan_in=2,
+        strategy="dp-fedavg",
+        strategy_options={"noise_multiplier": z, "clip": bound},
+    )
     same = {"w": model["w"], "steps": model["steps"] + 7}  # integers sent: ignored under DP
     post_all(p, 1, {f"c{i}": (same, 10 * (i + 1)) for i in range(n)})
     p.drain()
@@ -227,11 +258,18 @@ def test_dp_noise_has_the_configured_standard_deviation(
 
 
 def test_dp_model_is_the_noised_mean_of_clipped_updates_each_weighing_one(
-        tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F811
+    tmp_path: Path, apps: dict[str, Any]
+) -> None:
     model = initial_model(8)
     p = Platform(tmp_path, apps)
-    p.create(model, rounds=1, min_clients=6, fan_in=3, strategy="dp-fedavg",
-             strategy_options={"noise_multiplier": 0.7, "clip": 1.2})
+    p.create(
+        model,
+        rounds=1,
+        min_clients=6,
+        fan_in=3,
+        strategy="dp-fedavg",
+        strategy_options={"noise_multiplier": 0.7, "clip": 1.2},
+    )
     updates = spread(model, [f"c{i}" for i in range(6)], 8, [0.3, 0.9, 1.1, 2.0, 9.0, 1e4])
     post_all(p, 1, updates)
     p.drain()
@@ -242,15 +280,20 @@ def test_dp_model_is_the_noised_mean_of_clipped_updates_each_weighing_one(
     privacy = record["privacy"]
     assert privacy["round"]["clip"] == 1.2 and privacy["next_clip"] == 1.2  # fixed clip
     assert (privacy["noise_multiplier"], privacy["delta"], privacy["accountant"]) == (
-        0.7, 1e-5, "rdp")
+        0.7,
+        1e-5,
+        "rdp",
+    )
     assert privacy["count_noise_multiplier"] is None
     assert_documented(record)
 
 
 def dp_plan(model: Tensors, seed: int, rounds: int = 2) -> list[dict[str, tuple[Tensors, int]]]:
     rng = random.Random(seed)
-    return [client_updates(model, [f"client-{i:02d}" for i in rng.sample(range(40), 9)],
-                           seed * 10 + r) for r in range(rounds)]
+    return [
+        client_updates(model, [f"client-{i:02d}" for i in rng.sample(range(40), 9)], seed * 10 + r)
+        for r in range(rounds)
+    ]
 
 
 def results(p: Platform) -> dict[str, bytes]:
@@ -260,15 +303,22 @@ def results(p: Platform) -> dict[str, bytes]:
 
 
 def test_dp_noise_is_the_same_bytes_on_redelivery_and_any_tree_shape(
-        tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F811
+    tmp_path: Path, apps: dict[str, Any]
+) -> None:
     model = initial_model(12)
     plan = dp_plan(model, 12)
     options = {"noise_multiplier": 1.1, "clip": 2.0, "target_quantile": 0.5}
     snapshots = []
     for fan_in, rng in ((1, None), (3, random.Random(1)), (50, random.Random(2))):
         p = Platform(tmp_path / f"fan-in-{fan_in}", apps)
-        p.create(model, rounds=2, min_clients=9, fan_in=fan_in, strategy="dp-fedavg",
-                 strategy_options=options)
+        p.create(
+            model,
+            rounds=2,
+            min_clients=9,
+            fan_in=fan_in,
+            strategy="dp-fedavg",
+            strategy_options=options,
+        )
         run_rounds(p, plan, rng)  # with rng: every event twice, shuffled, uploads replayed
         snapshots.append(results(p))
     for other in snapshots[1:]:
@@ -283,14 +333,19 @@ def test_dp_noise_is_the_same_bytes_on_redelivery_and_any_tree_shape(
     assert results(p) == snapshots[0]
 
 
-def test_dp_noise_differs_with_round_job_and_secret(
-        tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F811
-    draw = {(k, j, r, s): generator(k, j, r, s).standard_normal(8).tobytes()
-            for k in (KEY, noise_key(b"another-secret-0123456789-abcdefgh"))
-            for j in ("job-1", "job-2") for r in (1, 2) for s in ("sum/w", "sum/b", "count")}
+def test_dp_noise_differs_with_round_job_and_secret(tmp_path: Path, apps: dict[str, Any]) -> None:
+    draw = {
+        (k, j, r, s): generator(k, j, r, s).standard_normal(8).tobytes()
+        for k in (KEY, noise_key(b"another-secret-0123456789-abcdefgh"))
+        for j in ("job-1", "job-2")
+        for r in (1, 2)
+        for s in ("sum/w", "sum/b", "count")
+    }
     assert len(set(draw.values())) == len(draw)  # every (secret, job, round, shard) its own
-    assert generator(KEY, "job-1", 1, "sum/w").standard_normal(8).tobytes() == draw[
-        (KEY, "job-1", 1, "sum/w")]
+    assert (
+        generator(KEY, "job-1", 1, "sum/w").standard_normal(8).tobytes()
+        == draw[(KEY, "job-1", 1, "sum/w")]
+    )
 
     # and through the pipeline: the same updates under another MICROFL_SECRET
     model = initial_model(13)
@@ -312,7 +367,8 @@ def test_finalize_refuses_to_noise_without_a_secret() -> None:
 
 
 def test_adaptive_clip_moves_toward_the_target_quantile(
-        tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F811
+    tmp_path: Path, apps: dict[str, Any]
+) -> None:
     """Deltas of norm 1..3 and a target quantile of 0.5: from a bound of 20 (nothing clipped)
     the bound falls, from 0.05 (everything clipped) it rises; each step is Andrew et al.'s
     with the count's keyed noise, and round r clips at the bound stored after round r-1."""
@@ -321,13 +377,20 @@ def test_adaptive_clip_moves_toward_the_target_quantile(
         model = initial_model(14)
         p = Platform(tmp_path / f"start-{start}", apps)
         options = {"noise_multiplier": 0.5, "clip": start, "target_quantile": 0.5, "clip_lr": 0.5}
-        p.create(model, rounds=rounds, min_clients=n, fan_in=4, strategy="dp-fedavg",
-                 strategy_options=options)
+        p.create(
+            model,
+            rounds=rounds,
+            min_clients=n,
+            fan_in=4,
+            strategy="dp-fedavg",
+            strategy_options=options,
+        )
         bound = start
         for r in range(1, rounds + 1):
             current = p.model(r - 1)
-            updates = spread(current, [f"c{i:02d}" for i in range(n)], 100 + r,
-                             list(np.linspace(1.0, 3.0, n)))
+            updates = spread(
+                current, [f"c{i:02d}" for i in range(n)], 100 + r, list(np.linspace(1.0, 3.0, n))
+            )
             post_all(p, r, updates)
             p.drain()
             record = p.record(r)
@@ -365,16 +428,28 @@ def direct_epsilon(z: float, sigma_b: float | None, rounds: int, delta: float) -
 
 
 def test_record_epsilon_is_dp_accountings_and_an_empty_round_spends_nothing(
-        tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F811
+    tmp_path: Path, apps: dict[str, Any]
+) -> None:
     """Rounds 1 and 3 release models; round 2 has only a NaN update (stored past ingest) and
     seals by deadline: it spends nothing, its state is round 1's, and round 3 clips at the
     bound round 1 chose."""
     z, delta, n = 0.9, 1e-6, 4
     model = initial_model(15)
     p = Platform(tmp_path, apps)
-    p.create(model, rounds=3, min_clients=n, round_timeout=5, fan_in=2, strategy="dp-fedavg",
-             strategy_options={"noise_multiplier": z, "delta": delta, "clip": 3.0,
-                               "target_quantile": 0.3})
+    p.create(
+        model,
+        rounds=3,
+        min_clients=n,
+        round_timeout=5,
+        fan_in=2,
+        strategy="dp-fedavg",
+        strategy_options={
+            "noise_multiplier": z,
+            "delta": delta,
+            "clip": 3.0,
+            "target_quantile": 0.3,
+        },
+    )
     post_all(p, 1, client_updates(model, [f"c{i}" for i in range(n)], 151))
     p.drain()
     record1 = p.record(1)
@@ -383,8 +458,10 @@ def test_record_epsilon_is_dp_accountings_and_an_empty_round_spends_nothing(
     assert sigma_b == n / 20
     one = direct_epsilon(z, sigma_b, 1, delta)
     assert record1["privacy"]["round"]["epsilon"] == pytest.approx(one, rel=1e-9)
-    assert record1["privacy"]["cumulative"] == {"epsilon": pytest.approx(one, rel=1e-9),
-                                                "rounds": 1}
+    assert record1["privacy"]["cumulative"] == {
+        "epsilon": pytest.approx(one, rel=1e-9),
+        "rounds": 1,
+    }
     assert record1["privacy"]["count_noise_multiplier"] == sigma_b
     assert_documented(record1)
 
@@ -412,15 +489,19 @@ def test_record_epsilon_is_dp_accountings_and_an_empty_round_spends_nothing(
     assert p.get("")["state"] == "done"
 
 
-@pytest.mark.parametrize(("target", "rounds", "sigma_b"), [(1.0, 10, None), (4.0, 10, None),
-                                                           (8.0, 30, None), (8.0, 10, 5.0)])
-def test_noise_multiplier_for_a_target_epsilon(target: float, rounds: int,
-                                               sigma_b: float | None) -> None:
+@pytest.mark.parametrize(
+    ("target", "rounds", "sigma_b"),
+    [(1.0, 10, None), (4.0, 10, None), (8.0, 30, None), (8.0, 10, 5.0)],
+)
+def test_noise_multiplier_for_a_target_epsilon(
+    target: float, rounds: int, sigma_b: float | None
+) -> None:
     z = noise_multiplier_for(target, rounds, 1e-5, sigma_b)
     assert direct_epsilon(z, sigma_b, rounds, 1e-5) <= target * (1 + 1e-6)
     assert direct_epsilon(z * 0.99, sigma_b, rounds, 1e-5) > target
     assert epsilon(z, 1e-5, rounds, sigma_b) == pytest.approx(
-        direct_epsilon(z, sigma_b, rounds, 1e-5), rel=1e-9)
+        direct_epsilon(z, sigma_b, rounds, 1e-5), rel=1e-9
+    )
 
 
 def test_noise_multiplier_for_says_when_the_count_alone_spends_the_budget() -> None:
@@ -432,7 +513,8 @@ def test_noise_multiplier_for_says_when_the_count_alone_spends_the_budget() -> N
 
 
 def test_non_finite_aggregate_under_dp_writes_no_state_and_carries_the_model(
-        tmp_path: Path, apps: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    tmp_path: Path, apps: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = initial_model(16)
     p = Platform(tmp_path, apps)
     p.create(model, rounds=1, min_clients=3, fan_in=1, strategy="dp-fedavg")
@@ -449,7 +531,7 @@ def test_non_finite_aggregate_under_dp_writes_no_state_and_carries_the_model(
     assert record["privacy"]["cumulative"] == {"epsilon": 0.0, "rounds": 0}
 
 
-def test_nan_update_is_excluded_under_clip(tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F811
+def test_nan_update_is_excluded_under_clip(tmp_path: Path, apps: dict[str, Any]) -> None:
     model = initial_model(17)
     p = Platform(tmp_path, apps)
     p.create(model, rounds=1, min_clients=3, fan_in=2, strategy_options={"clip": 1.0})
