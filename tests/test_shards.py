@@ -123,9 +123,11 @@ def test_a_robust_round_commits_the_reference_statistic(
         assert not set(record["selected"]) & {"c04", "c09"}  # the boosted ones
         assert sorted(record["scores"]) == sorted(ups)
         assert p.get("/rounds/1")["scores"] == record["scores"]  # the operator sees them
-        seen = p.apps["ingest"].get(
-            f"/v1/jobs/{JOB}/rounds/1", headers={"Authorization": f"Bearer {p.token('c00')}"}
-        ).get_json()
+        seen = (
+            p.apps["ingest"]
+            .get(f"/v1/jobs/{JOB}/rounds/1", headers={"Authorization": f"Bearer {p.token('c00')}"})
+            .get_json()
+        )
         assert "scores" not in seen and "examples" not in seen  # a client does not
         assert seen["selected"] == record["selected"]
     assert check_job(p.store, JOB, {(1, c) for c in ups}).ok
@@ -162,6 +164,25 @@ def test_the_sweep_recovers_lost_shard_requests_and_readies(
         p.drain()
     assert p.record(1) is not None
     assert_model(p.model(1), reference("krum", {"f": 1, "m": 1}, [u for u, _ in ups.values()], m0))
+
+
+def test_nothing_is_requested_before_the_seal_even_by_the_sweep(
+    tmp_path: Path, apps: dict[str, Any]
+) -> None:
+    """A request before the seal would be refused, and its marker would hold back the real
+    request after the seal until the sweep's resend."""
+    p = Platform(tmp_path, apps)
+    p.create(model(), rounds=1, min_clients=8, fan_in=2, round_timeout=300, strategy="median")
+    ups = updates(8, 4)
+    for c, (u, n) in list(ups.items())[:7]:
+        assert p.post(1, c, body(u, n))[0] == 202
+    p.drain()
+    p.ping(T0 + 100)  # before the deadline: the sweep looks at the open round
+    assert p.take() == [] and p.store.list(f"jobs/{JOB}/rounds/00000001/requests/") == []
+    u, n = ups["c07"]
+    assert p.post(1, "c07", body(u, n))[0] == 202
+    p.drain()  # the seal requests the shards at once, no resend needed
+    assert p.record(1) is not None
 
 
 # --- any history, any width: the same bytes (in-process driver) -----------------------------------

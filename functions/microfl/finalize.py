@@ -194,12 +194,13 @@ def _request(
 def _advance(b: Backends, rounds: Rounds, sealed: Seal | None, resend: bool, r: int = 0) -> None:
     """Request every node that is missing and whose inputs exist (one listing of the nodes):
     the sealed tree's, or before the seal the nodes over full leaves; commit a complete tree."""
-    if sealed is not None and rounds.spec.sharded:
-        wanted = shards.missing(rounds, sealed)
-        if wanted is None:
-            commit(b, rounds.spec, sealed.round, announce=resend)
-        else:
-            _request(b, rounds, sealed.round, wanted, resend)
+    if rounds.spec.sharded:  # nothing before the seal, then the shards (microfl.shards)
+        if sealed is not None:
+            wanted = shards.missing(rounds, sealed)
+            if wanted is None:
+                commit(b, rounds.spec, sealed.round, announce=resend)
+            else:
+                _request(b, rounds, sealed.round, wanted, resend)
         return
     k, f = rounds.spec.fan_in, branch(rounds.spec.fan_in)
     children: Callable[[int, int], Iterable[int]]
