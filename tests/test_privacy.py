@@ -22,7 +22,7 @@ from jsonschema import Draft202012Validator
 from microfl import finalize
 from microfl.exactsum import ExactSum
 from microfl.jobs import load_job, model_key, optimizer_key
-from microfl.local.reference import fedavg, fedavg_mismatch
+from microfl.local.reference import clipped, fedavg, fedavg_mismatch
 from microfl.privacy import (
     DpState,
     clip_update,
@@ -62,23 +62,6 @@ def assert_documented(record: dict) -> None:
 
 
 # --- references, written from the papers, not from microfl.privacy -----------------------------
-
-
-def clipped(update: Tensors, base: Tensors, bound: float, dp: bool = False) -> tuple[Tensors, bool]:
-    """base + min(1, C/||delta||) * delta over all floating tensors; integers as sent (dp: the
-    base's)."""
-    deltas = {
-        k: u.astype(np.float64) - base[k].astype(np.float64)
-        for k, u in update.items()
-        if u.dtype.kind == "f"
-    }
-    norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
-    s = min(1.0, bound / norm)
-    out = {
-        k: (base[k] + s * deltas[k] if k in deltas else (base[k] if dp else u))
-        for k, u in update.items()
-    }
-    return out, norm <= bound
 
 
 def dp_reference(

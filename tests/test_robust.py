@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from microfl import robust
+from microfl.local.reference import krum, sq_distances
 
 
 def stacked(seed: int, n: int, d: int, f32: bool = True) -> np.ndarray:
@@ -73,32 +74,14 @@ def test_trimming_drops_int_beta_n_values_on_each_side() -> None:
     assert robust.trimmed_mean(x[:1], 0.45)[0] == 1.0
 
 
-def reference_distances(x: np.ndarray) -> np.ndarray:
-    n = len(x)
-    return np.array([[float(np.sum((x[i] - x[j]) ** 2)) for j in range(n)] for i in range(n)])
-
-
-def reference_krum(x: np.ndarray, f: int, m: int) -> list[int]:
-    """Blanchard et al. 2017, multi-Krum, written plainly."""
-    n = len(x)
-    d = reference_distances(x)
-    k = min(max(1, n - f - 2), n - 1)
-    scores = []
-    for i in range(n):
-        others = sorted(d[i][j] for j in range(n) if j != i)
-        scores.append(sum(others[:k]))
-    ranked = sorted(range(n), key=lambda i: (scores[i], i))
-    return sorted(ranked[:m])
-
-
 def test_sq_distances_summed_over_slices_are_the_distances() -> None:
     x = stacked(11, 12, 40) + 5.0  # updates that share most of a model
     d = robust.sq_distances(x)
     assert d.tobytes() == robust.sq_distances(x).tobytes()  # deterministic
     assert np.array_equal(d, d.T) and np.all(np.diag(d) == 0) and np.all(d >= 0)
     total = sum(robust.sq_distances(x[:, i : i + 7]) for i in range(0, 40, 7))
-    np.testing.assert_allclose(total, reference_distances(x), rtol=1e-9)
-    np.testing.assert_allclose(d, reference_distances(x), rtol=1e-9)
+    np.testing.assert_allclose(total, sq_distances(x), rtol=1e-9)
+    np.testing.assert_allclose(d, sq_distances(x), rtol=1e-9)
 
 
 @settings(max_examples=80, deadline=None)
@@ -117,7 +100,7 @@ def test_krum_chooses_what_the_reference_chooses(
     bad = min(byzantine, n // 3)
     x[:bad] = x[:bad] * 50 + 20  # boosted, far from the honest ones
     got = robust.krum_select(robust.sq_distances(x), f, m)
-    assert got == reference_krum(x, f, m)
+    assert got == krum(x, f, m)
     if n >= 2 * f + 3 and bad <= f and m <= n - bad:
         assert not set(got) & set(range(bad)), "Krum chose a Byzantine update"
 

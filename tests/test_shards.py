@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import scipy.stats
 from functions_framework import create_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,10 +19,10 @@ from hypothesis import strategies as st
 from microfl import events, faults, finalize, shards
 from microfl.jobs import JobSpec, TensorSpec, model_key
 from microfl.local.invariants import check_job
+from microfl.local.reference import krum, statistic
 from microfl.rounds import Rounds, Seal, record_key, seal_key, selection_key, update_key
 from microfl.serde import tensors_from_safetensors, tensors_to_safetensors
 from microfl.strategy import cast_like
-from test_robust import reference_krum
 from test_rounds_inprocess import JOB, MAIN, T0, Platform, body
 from treeplay import Play
 
@@ -61,22 +60,7 @@ def updates(n: int, seed: int, like: Tensors | None = None) -> dict[str, tuple[T
 
 def reference(strategy: str, options: dict, ups: list[Tensors], like: Tensors) -> Tensors:
     """The statistic over the whole stacked float64 updates, as numpy and scipy compute it."""
-    out = {}
-    if strategy == "krum":
-        flat = np.stack(
-            [np.concatenate([u[k].astype(np.float64).ravel() for k in like]) for u in ups]
-        )
-        chosen = reference_krum(flat, int(options["f"]), int(options["m"]))
-        ups = [ups[i] for i in chosen]
-    for k in like:
-        x = np.stack([u[k].astype(np.float64) for u in ups])
-        if strategy == "median":
-            out[k] = np.median(x, axis=0)
-        elif strategy == "trimmed-mean":
-            out[k] = scipy.stats.trim_mean(x, options["beta"], axis=0)
-        else:
-            out[k] = np.mean(x, axis=0)  # unweighted
-    return cast_like(out, like)
+    return cast_like(statistic(strategy, options, ups, like), like)
 
 
 def assert_model(got: Tensors, want: Tensors) -> None:
@@ -118,7 +102,7 @@ def test_a_robust_round_commits_the_reference_statistic(
         flat = [
             np.concatenate([u[k].astype(np.float64).ravel() for k in m0]) for u, _ in ups.values()
         ]
-        chosen = reference_krum(np.stack(flat), 1, 2)
+        chosen = krum(np.stack(flat), 1, 2)
         assert record["selected"] == [sorted(ups)[i] for i in chosen]
         assert not set(record["selected"]) & {"c04", "c09"}  # the boosted ones
         assert sorted(record["scores"]) == sorted(ups)

@@ -11,9 +11,11 @@ import numpy as np
 
 from microfl import shards
 from microfl.jobs import load_job, model_key, validate_update
+from microfl.local.reference import clipped, fedavg, fedavg_error, krum, statistic
 from microfl.rounds import Rounds, Seal, update_key
 from microfl.serde import partial_from_safetensors, tensors_from_safetensors
 from microfl.store import ObjectStore
+from microfl.strategy import cast_like
 
 __all__ = ["Verdict", "check_job"]
 
@@ -66,7 +68,7 @@ def check_job(
                 f"round {r} committed {record['committed_at'] - opened:.0f}"
                 f"s after it opened (deadline {spec.round_timeout:g}s)"
             )
-        if spec.strategy == "fedavg" and not _model_is_fedavg(store, job, r, record, rtol):
+        if not _model_is_right(store, job, r, record, rtol):
             verdict.wrong_models.append(f"round {r}")
     committed = {key for key in accepted if key[0] <= latest}
     verdict.lost = sorted(f"{r}/{c}" for r, c in committed if listed[(r, c)] == 0)
@@ -117,8 +119,11 @@ def _shard_problems(rounds: Rounds, seal: Seal, record: dict) -> list[str]:
             metas.append(shards.read_node(rounds, r, 0, j)[1])
         except ValueError as exc:
             return [str(exc)]
-    problems = [f"shard {j} counted other updates than shard 0" for j, m in enumerate(metas)
-                if m != metas[0]]
+    problems = [
+        f"shard {j} counted other updates than shard 0"
+        for j, m in enumerate(metas)
+        if m != metas[0]
+    ]
     members = [c for c, _ in metas[0].examples] + [c for c, _ in metas[0].excluded]
     if sorted(members) != sorted(seal.clients):
         problems.append(f"shards hold {sorted(members)}, the seal {sorted(seal.clients)}")
@@ -127,26 +132,34 @@ def _shard_problems(rounds: Rounds, seal: Seal, record: dict) -> list[str]:
     return problems
 
 
-def _model_is_fedavg(store: ObjectStore, job: str, r: int, record: dict, rtol: float) -> bool:
-    """Recompute model r offline from the stored updates the record includes."""
+def _model_is_right(store: ObjectStore, job: str, r: int, record: dict, rtol: float) -> bool:
+    """Recompute model r offline from the stored updates the record includes: FedAvg (of the
+    clipped updates with `clip`) within rtol, median / trimmed-mean / krum (its choice too) bit
+    for bit. fedadam and dp-fedavg are not recomputed: their server state and keyed noise are
+    not the checker's to rebuild."""
     spec = load_job(store, job)
-    total: dict[str, np.ndarray] = {}
-    weight = 0
+    base, _ = tensors_from_safetensors(store.read(model_key(job, r - 1)) or b"")
+    model, _ = tensors_from_safetensors(store.read(model_key(job, r)) or b"")
+    if not record["included"]:
+        return all(np.array_equal(model[k], base[k]) for k in model)
+    if spec.strategy in ("fedadam", "dp-fedavg"):
+        return True
+    updates = []
     for client in record["included"]:
         tensors, metadata = tensors_from_safetensors(store.read(update_key(job, r, client)) or b"")
-        n = validate_update(spec, tensors, metadata)
-        weight += n
-        for name, arr in tensors.items():
-            total[name] = total.get(name, 0) + arr.astype(np.float64) * n
-    model, _ = tensors_from_safetensors(store.read(model_key(job, r)) or b"")
-    if weight == 0:
-        previous, _ = tensors_from_safetensors(store.read(model_key(job, r - 1)) or b"")
-        return all(np.array_equal(model[k], previous[k]) for k in model)
-    for name, arr in model.items():
-        want = total[name] / weight
-        if arr.dtype.kind in "iub":  # integer tensors hold the rounded mean
-            want = np.rint(want)
-        scale = max(float(np.max(np.abs(want))), 1e-12)
-        if float(np.max(np.abs(arr.astype(np.float64) - want))) > rtol * scale:
-            return False
-    return True
+        updates.append((tensors, validate_update(spec, tensors, metadata)))
+    names = sorted(base)
+    if spec.sharded:
+        xs = [u for u, _ in updates]
+        if spec.strategy == "krum":
+            flat = np.stack(
+                [np.concatenate([u[k].astype(np.float64).ravel() for k in names]) for u in xs]
+            )
+            chosen = krum(flat, int(spec.options["f"]), int(spec.options["m"]))
+            if record.get("selected") != [record["included"][i] for i in chosen]:
+                return False
+        want = cast_like(statistic(spec.strategy, spec.options, xs, names), base)
+        return all(model[k].tobytes() == want[k].tobytes() for k in names)
+    if "clip" in spec.options:
+        updates = [(clipped(u, base, spec.options["clip"])[0], n) for u, n in updates]
+    return fedavg_error(model, fedavg(updates)) <= rtol

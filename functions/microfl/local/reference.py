@@ -1,17 +1,30 @@
-"""The exact FedAvg that tests, benchmarks and the invariant checker hold committed models to.
+"""The exact FedAvg (and the clip and robust statistics) that tests, benchmarks and the invariant
+checker hold committed models to.
 
-Written independently of `microfl.strategy` (a plain float64 weighted sum, no folding, no
-chunks), so a bug there cannot hide in the yardstick. One tolerance, DESIGN invariant 7: a
-committed model is within 1e-6, relative to the largest weight, of the exact float64 result
-(first rounded to each tensor's dtype: a float16 or integer tensor cannot hold more)."""
+Written independently of `microfl.strategy`, `privacy` and `robust` (a plain float64 weighted
+sum, no folding, no chunks; numpy's median and scipy's trim_mean over the whole stacked updates;
+Krum from the paper), so a bug there cannot hide in the yardstick. One tolerance, DESIGN
+invariant 7: a committed model is within 1e-6, relative to the largest weight, of the exact
+float64 result (first rounded to each tensor's dtype: a float16 or integer tensor cannot hold
+more)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TOLERANCE", "fedavg", "fedavg_error", "fedavg_mismatch"]
+__all__ = [
+    "TOLERANCE",
+    "clipped",
+    "fedavg",
+    "fedavg_error",
+    "fedavg_mismatch",
+    "krum",
+    "sq_distances",
+    "statistic",
+]
 
 TOLERANCE = 1e-6
 
@@ -76,3 +89,67 @@ def _rounded(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """exact as the best a tensor of dtype can hold, back in float64 to compare."""
     held = np.rint(exact) if dtype.kind in "iub" else exact
     return held.astype(dtype).astype(np.float64)
+
+
+def clipped(
+    update: Tensors, base: Tensors, bound: float, dp: bool = False
+) -> tuple[dict[str, np.ndarray], bool]:
+    """(base + min(1, C/||delta||) * delta over all floating tensors, whether ||delta|| <= C);
+    integer tensors as sent (dp: the base's)."""
+    deltas = {
+        k: u.astype(np.float64) - base[k].astype(np.float64)
+        for k, u in update.items()
+        if u.dtype.kind == "f"
+    }
+    norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
+    s = min(1.0, bound / norm) if norm > 0 else 1.0
+    out = {
+        k: (base[k] + s * deltas[k] if k in deltas else (base[k] if dp else u))
+        for k, u in update.items()
+    }
+    return out, norm <= bound
+
+
+def sq_distances(x: np.ndarray) -> np.ndarray:
+    """Squared L2 distances between the rows of x, pair by pair."""
+    n = len(x)
+    return np.array([[float(np.sum((x[i] - x[j]) ** 2)) for j in range(n)] for i in range(n)])
+
+
+def krum(x: np.ndarray, f: int, m: int) -> list[int]:
+    """Blanchard et al. 2017, multi-Krum, written plainly: the m rows with the lowest sums of
+    squared distances to their n-f-2 nearest others (at least 1), ties to the lower index."""
+    n = len(x)
+    d = sq_distances(x)
+    k = min(max(1, n - f - 2), n - 1)
+    scores = []
+    for i in range(n):
+        others = sorted(d[i][j] for j in range(n) if j != i)
+        scores.append(sum(others[:k]))
+    ranked = sorted(range(n), key=lambda i: (scores[i], i))
+    return sorted(ranked[:m])
+
+
+def statistic(
+    strategy: str, options: Mapping[str, float], updates: Sequence[Tensors], names: Iterable[str]
+) -> dict[str, np.ndarray]:
+    """median, trimmed-mean or krum over the whole stacked float64 updates (in the round's
+    order, sorted by client), as numpy and scipy compute them; float64, not yet cast."""
+    import scipy.stats
+
+    names = list(names)
+    if strategy == "krum":
+        flat = np.stack(
+            [np.concatenate([u[k].astype(np.float64).ravel() for k in names]) for u in updates]
+        )
+        updates = [updates[i] for i in krum(flat, int(options["f"]), int(options["m"]))]
+    out = {}
+    for k in names:
+        x = np.stack([u[k].astype(np.float64) for u in updates])
+        if strategy == "median":
+            out[k] = np.median(x, axis=0)
+        elif strategy == "trimmed-mean":
+            out[k] = scipy.stats.trim_mean(x, options["beta"], axis=0)
+        else:
+            out[k] = np.mean(x, axis=0)  # krum: the unweighted mean of the chosen
+    return out
