@@ -22,6 +22,7 @@ from jsonschema import Draft202012Validator
 from microfl import finalize
 from microfl.exactsum import ExactSum
 from microfl.jobs import load_job, model_key, optimizer_key
+from microfl.local.invariants import check_job
 from microfl.local.reference import clipped, fedavg, fedavg_mismatch
 from microfl.privacy import (
     DpState,
@@ -269,6 +270,10 @@ def test_dp_model_is_the_noised_mean_of_clipped_updates_each_weighing_one(
     )
     assert privacy["count_noise_multiplier"] is None
     assert_documented(record)
+    # the invariant checker recomputes the model with the functions' secret, and only with it
+    accepted = {(1, c) for c in updates}
+    assert check_job(p.store, JOB, accepted, secret=SECRET).ok
+    assert check_job(p.store, JOB, accepted, secret=SECRET[::-1]).wrong_models == ["round 1"]
 
 
 def dp_plan(model: Tensors, seed: int, rounds: int = 2) -> list[dict[str, tuple[Tensors, int]]]:

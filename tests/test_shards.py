@@ -94,6 +94,14 @@ def test_a_robust_round_commits_the_reference_statistic(
             assert [e.type for _, e in p.take() if e.type == events.PARTIAL_REQUESTED] == []
     assert p.drain() > 0
     assert_model(p.model(1), reference(strategy, options, [u for u, _ in ups.values()], m0))
+    # the invariant checker recomputes it offline and would see another model
+    stored = p.store.read(model_key(JOB, 1))
+    assert stored is not None
+    p.store.delete(model_key(JOB, 1))
+    p.store.create(model_key(JOB, 1), tensors_to_safetensors(m0))
+    assert check_job(p.store, JOB, {(1, c) for c in ups}).wrong_models == ["round 1"]
+    p.store.delete(model_key(JOB, 1))
+    p.store.create(model_key(JOB, 1), stored)
     record = p.record(1)
     assert record is not None and record["strategy"] == strategy
     assert record["included"] == sorted(ups) and record["excluded"] == []

@@ -327,7 +327,7 @@ def run_scenario(
             proxy.close()
         if slow is not None:
             slow.close()
-    verdict = check_job(store, job, accepted)
+    verdict = check_job(store, job, accepted, secret=SECRET.encode())
     dead = _dead_letters(env, job)
     hostile = None
     if options.get("fault") is _attack:
@@ -347,7 +347,7 @@ def run_scenario(
     problems += [f"lost {x}" for x in verdict.lost] + [
         f"double {x}" for x in verdict.double_counted
     ]
-    problems += [f"model of {x} is not the FedAvg of its updates" for x in verdict.wrong_models]
+    problems += [f"model of {x} is not the {strategy} of its updates" for x in verdict.wrong_models]
     problems += [f"tree of {x}" for x in verdict.bad_trees]
     problems += verdict.late_rounds + [f"{dead} unexplained dead-lettered event(s)"] * (dead > 0)
     # Recovery: from a fault's end to the first commit after it began (0: no disruption seen).

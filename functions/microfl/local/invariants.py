@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from microfl import shards
-from microfl.jobs import load_job, model_key, validate_update
+from microfl.jobs import load_job, model_key, optimizer_key, validate_update
 from microfl.local.reference import clipped, fedavg, fedavg_error, krum, statistic
+from microfl.privacy import DP, DpState, generator, noise_key
 from microfl.rounds import Rounds, Seal, update_key
 from microfl.serde import partial_from_safetensors, tensors_from_safetensors
 from microfl.store import ObjectStore
@@ -47,8 +48,10 @@ def check_job(
     accepted: set[tuple[int, str]],
     slack: float = 60.0,
     rtol: float = 1e-6,
+    secret: bytes = b"",
 ) -> Verdict:
-    """`accepted`: the (round, client) pairs whose upload was answered 200 or 202."""
+    """`accepted`: the (round, client) pairs whose upload was answered 200 or 202. With the
+    functions' secret, dp-fedavg models are recomputed too (their noise is keyed by it)."""
     spec = load_job(store, job)
     rounds = Rounds(store, spec)
     latest = rounds.latest_version()
@@ -68,7 +71,7 @@ def check_job(
                 f"round {r} committed {record['committed_at'] - opened:.0f}"
                 f"s after it opened (deadline {spec.round_timeout:g}s)"
             )
-        if not _model_is_right(store, job, r, record, rtol):
+        if not _model_is_right(store, job, r, record, rtol, secret):
             verdict.wrong_models.append(f"round {r}")
     committed = {key for key in accepted if key[0] <= latest}
     verdict.lost = sorted(f"{r}/{c}" for r, c in committed if listed[(r, c)] == 0)
@@ -132,17 +135,19 @@ def _shard_problems(rounds: Rounds, seal: Seal, record: dict) -> list[str]:
     return problems
 
 
-def _model_is_right(store: ObjectStore, job: str, r: int, record: dict, rtol: float) -> bool:
+def _model_is_right(
+    store: ObjectStore, job: str, r: int, record: dict, rtol: float, secret: bytes
+) -> bool:
     """Recompute model r offline from the stored updates the record includes: FedAvg (of the
     clipped updates with `clip`) within rtol, median / trimmed-mean / krum (its choice too) bit
-    for bit. fedadam and dp-fedavg are not recomputed: their server state and keyed noise are
-    not the checker's to rebuild."""
+    for bit, dp-fedavg (given the secret) as the clipped mean plus the keyed noise within rtol.
+    fedadam is not recomputed (its moments are the server's state)."""
     spec = load_job(store, job)
     base, _ = tensors_from_safetensors(store.read(model_key(job, r - 1)) or b"")
     model, _ = tensors_from_safetensors(store.read(model_key(job, r)) or b"")
     if not record["included"]:
         return all(np.array_equal(model[k], base[k]) for k in model)
-    if spec.strategy in ("fedadam", "dp-fedavg"):
+    if spec.strategy == "fedadam" or (spec.strategy == DP and not secret):
         return True
     updates = []
     for client in record["included"]:
@@ -160,6 +165,18 @@ def _model_is_right(store: ObjectStore, job: str, r: int, record: dict, rtol: fl
                 return False
         want = cast_like(statistic(spec.strategy, spec.options, xs, names), base)
         return all(model[k].tobytes() == want[k].tobytes() for k in names)
+    if spec.strategy == DP:
+        saved = store.read(optimizer_key(job, r - 1))
+        bound = DpState.from_tensors(
+            spec.options, tensors_from_safetensors(saved)[0] if saved else None
+        ).clip
+        mean = fedavg((clipped(u, base, bound, dp=True)[0], 1) for u, _ in updates)
+        std = spec.options["noise_multiplier"] * bound / len(updates)
+        for k in names:
+            if base[k].dtype.kind == "f":
+                rng = generator(noise_key(secret), job, r, f"sum/{k}")
+                mean[k] = mean[k] + rng.standard_normal(base[k].shape) * std
+        return fedavg_error(model, mean) <= rtol
     if "clip" in spec.options:
         updates = [(clipped(u, base, spec.options["clip"])[0], n) for u, n in updates]
     return fedavg_error(model, fedavg(updates)) <= rtol
