@@ -15,8 +15,9 @@ strategy, and each job's round 1 sealed. Then, for each strategy, each step in a
 - verify: the committed model against Flower's (cast to float32: exact bytes, or how many ulps
   apart) and against a float64 numpy reference (Krum: the choice with float64 distances).
 
-The equality check alone, at any size: `PYTHONPATH=functions MICROFL_BENCH_DEPS=DIR
-.venv/bin/python load/bench/run.py --quick --only robust_compare`.
+The equality checks in about 20 s (50 x 100k, a 4 MiB budget: 20 shards; --out keeps the full
+run's results): `PYTHONPATH=functions MICROFL_BENCH_DEPS=DIR .venv/bin/python load/bench/run.py
+--quick --only robust_compare --out /tmp/robust`.
 
 flwr is not a runtime dependency: pip install -e '.[bench]', or a folder of it named by
 MICROFL_BENCH_DEPS (appended to sys.path, as in round_latency)."""
@@ -24,6 +25,7 @@ MICROFL_BENCH_DEPS (appended to sys.path, as in round_latency)."""
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -205,22 +207,30 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         "VmHWM of the process; work = peak - RSS after imports.",
         "",
         "| clients x params | strategy | Flower s | Micro-FL all shards s (parallel) | shards "
-        "x width | Flower peak / work MiB | Micro-FL instance peak / work MiB | budget MiB "
-        "| less memory: peak (work) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "x width | a shard s, median / max | Flower peak / work MiB | Micro-FL instance peak / "
+        "work MiB | budget MiB | less memory: peak (work) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["runs"]:
         fl, me, one, ratio = row["flower"], row["microfl"], row["instance"], row["ratios"]
+        level0 = me["shard_seconds"][0]  # Krum's level 1 (a mean of m rows) takes ~0 s
         lines.append(
             f"| {row['clients']:,} x {row['params']:,} | {row['strategy']} "
             f"| {fl['call_seconds']:.2f} ({fl['seconds']:.2f}) "
             f"| {me['seconds']:.2f} ({me['parallel_seconds']:.2f}) "
             f"| {me['shards']} x {me['width']:,} "
+            f"| {statistics.median(level0):.2f} / {max(level0):.2f} "
             f"| {fl['peak_mib']:.0f} / {fl['work_mib']:.0f} "
             f"| {one['peak_mib']:.0f} / {one['work_mib']:.0f} | {one['budget_mib']:.0f} "
             f"| {ratio['peak']:.0f}x ({ratio['work']:.0f}x) |"
         )
     lines += [
+        "",
+        "The job's memory_budget bounds the update values an instance holds: shards.layout "
+        "fits two float64 copies of the (N, width) slice in it (the matrix and the copy "
+        "np.partition or the centring makes; Krum's N x N matrices first), so the work above "
+        "imports is the budget plus what else the instance allocates (read buffers, the "
+        "result, allocator slack).",
         "",
         "Models (Micro-FL's committed model bytes vs Flower's result cast to float32, and both "
         "vs a float64 numpy reference rounded once; ulps alone mislead near zero, so the "
