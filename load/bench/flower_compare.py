@@ -34,7 +34,7 @@ import procstat
 import report
 from round_latency import _extra_path
 
-__all__ = ["NAME", "markdown", "run", "targets"]
+__all__ = ["NAME", "flower_inputs", "markdown", "run", "targets"]
 
 NAME = "flower_compare"
 CLIENTS = (100, 1000)
@@ -298,7 +298,6 @@ def flower(root: Path, api: str) -> dict[str, Any]:
     _extra_path()
     import numpy as np
     import synth
-    from safetensors import safe_open
 
     from microfl.jobs import load_job
     from microfl.rounds import Rounds, update_key
@@ -307,7 +306,6 @@ def flower(root: Path, api: str) -> dict[str, Any]:
     if api == "aggregate":
         from flwr.server.strategy.aggregate import aggregate
     else:
-        from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
         from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     store = FileStore(root)
@@ -318,25 +316,9 @@ def flower(root: Path, api: str) -> dict[str, Any]:
     names: list[str] = []
     timing: dict[str, float] = {}
 
-    def load() -> list[Any]:
-        items: list[Any] = []
-        for path in paths:
-            with safe_open(str(path), framework="np") as f:
-                n = int(f.metadata()["num_examples"])
-                names[:] = sorted(f.keys())
-                arrays = [f.get_tensor(name) for name in names]
-            if api == "aggregate":
-                items.append((arrays, n))
-            else:
-                record = ArrayRecord({k: Array(a) for k, a in zip(names, arrays, strict=True)})
-                items.append(
-                    RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": n})})
-                )
-        return items
-
     def work() -> dict[str, Any]:
         start = time.perf_counter()
-        items = load()
+        names[:], items = flower_inputs(paths, api)
         timing["load"] = time.perf_counter() - start
         loaded_mib = procstat.status_mib("VmRSS")
         start = time.perf_counter()
@@ -359,6 +341,32 @@ def flower(root: Path, api: str) -> dict[str, Any]:
         "rss_after_load_mib": timing["loaded_mib"],
         "dtype": str(np.load(root / f"flower-{api}.npz")[names[0]].dtype),
     }
+
+
+def flower_inputs(paths: list[Path], api: str) -> tuple[list[str], list[Any]]:
+    """The updates in these safetensors files as Flower's API takes them, all in memory: for
+    "aggregate" (the legacy strategy functions) a list of (ndarrays, num_examples), for
+    "arrayrecords" (the message API) a list of RecordDict with an ArrayRecord under "arrays" and
+    a MetricRecord {"num-examples": n} under "metrics". Also the tensor names, sorted."""
+    from safetensors import safe_open
+
+    if api != "aggregate":
+        from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    names: list[str] = []
+    items: list[Any] = []
+    for path in paths:
+        with safe_open(str(path), framework="np") as f:
+            n = int(f.metadata()["num_examples"])
+            names = sorted(f.keys())
+            arrays = [f.get_tensor(name) for name in names]
+        if api == "aggregate":
+            items.append((arrays, n))
+        else:
+            record = ArrayRecord({k: Array(a) for k, a in zip(names, arrays, strict=True)})
+            items.append(
+                RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": n})})
+            )
+    return names, items
 
 
 def verify(root: Path) -> dict[str, Any]:

@@ -10,8 +10,9 @@ fails to run (or, with --strict, misses a target).
 
 Benchmarks: fold_throughput, flower_compare, aggregate_memory, round_latency,
 ingest_throughput, transport_compare, header_parse, ingest_memory (with
-MICROFL_BENCH_BASELINE=DIR also against the checkout in DIR), round_cost. flower_compare needs
-flwr (pip install -e '.[bench]'); without it that benchmark is skipped with a note.
+MICROFL_BENCH_BASELINE=DIR also against the checkout in DIR), round_cost, robust_compare.
+flower_compare and robust_compare need flwr (pip install -e '.[bench]', or a folder of it named
+by MICROFL_BENCH_DEPS); without it they are skipped with a note.
 transport_compare runs the Pub/Sub emulator, which Go builds on first use. The platform
 benchmarks put their stores under .microfl/bench/ (the updates of 5,000 clients are 20 GB;
 each round's are deleted after it)."""
@@ -43,9 +44,12 @@ BENCHMARKS = (
     "header_parse",
     "ingest_memory",
     "round_cost",
+    "robust_compare",
 )
 # They need a Kafka broker.
 PLATFORM = {"round_latency", "ingest_throughput", "transport_compare", "ingest_memory"}
+# They need flwr (the bench extra, or MICROFL_BENCH_DEPS).
+FLOWER = {"flower_compare", "robust_compare"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +153,7 @@ def _run_all(
         extra = os.environ.get("MICROFL_BENCH_DEPS")  # flwr there: see round_latency
         if extra and extra not in sys.path:
             sys.path.append(extra)
-        if name == "flower_compare" and importlib.util.find_spec("flwr") is None:
+        if name in FLOWER and importlib.util.find_spec("flwr") is None:
             print(f"[{name}] skipped: flwr is not installed (pip install -e '.[bench]')")
             continue
         machine = report.machine()
