@@ -4,9 +4,11 @@ The model is flattened (tensors in schema order, concatenated) and cut into shar
 coordinates. Shard j's builder reads, for each sealed client in order, only the bytes of its
 slice (ranged reads), so it holds an (N, width) float64 matrix whatever the model's size:
 
-    width = max(1, (memory_budget - fixed) // (N * 8 * WORKING_COPIES)), at most the model's
+    width = max(1, (usable - fixed) // (N * 8 * WORKING_COPIES)), at most the model's
 
-N = the seal's clients, 8 bytes a float64 value, WORKING_COPIES = 2 (the matrix and the copy
+usable = the memory budget less 1/16 (HEADROOM: read buffers, the result, the allocator's
+slack: load/bench/robust_compare.py measured 3-7 MiB above the two copies at 256 MiB), N = the
+seal's clients, 8 bytes a float64 value, WORKING_COPIES = 2 (the matrix and the copy
 np.partition / the centring makes), fixed = Krum's N x N matrices (KRUM_MATRICES of them) or 0.
 
 Nodes are `nodes/{level}/{j}` of the round (create-only, like the summing tree's):
@@ -49,6 +51,7 @@ from microfl.store import ObjectStore
 from microfl.strategy import cast_like
 
 __all__ = [
+    "HEADROOM",
     "WORKING_COPIES",
     "Layout",
     "ShardMeta",
@@ -61,6 +64,7 @@ __all__ = [
 ]
 
 WORKING_COPIES = 2
+HEADROOM = 16  # 1/HEADROOM of the budget is left for what is not the matrix
 KRUM_MATRICES = 4  # the Gram product, the distances, their upper triangle, the result
 FORMAT = "microfl.shard.v1"
 
@@ -106,7 +110,8 @@ def layout(spec: JobSpec, sealed: Seal) -> Layout:
     n = max(1, len(sealed.clients))
     total = sum(math.prod(t.shape) for t in spec.schema)
     fixed = KRUM_MATRICES * n * n * 8 if spec.strategy == "krum" else 0
-    width = (spec.memory_budget - fixed) // (n * 8 * WORKING_COPIES)
+    usable = spec.memory_budget - spec.memory_budget // HEADROOM
+    width = (usable - fixed) // (n * 8 * WORKING_COPIES)
     return Layout(spec, len(sealed.clients), max(1, min(total, width)))
 
 
