@@ -79,13 +79,25 @@ def test_http_contract(tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F
     p.create(model, mode="async", buffer=2, rounds=2, max_staleness=1, fan_in=1)
     job = p.get("")
     assert (job["mode"], job["buffer"], job["max_staleness"], job["open_round"]) == (
-        "async", 2, 1, None)
+        "async",
+        2,
+        1,
+        None,
+    )
     assert (job["staleness_exponent"], job["state"], job["model_version"]) == (0.5, "running", 0)
 
     u, n = trained(model, "a", 0)
     status, answer = p.upload("a", abody(u, n, 0))
-    assert (status, answer) == (202, {"client": "a", "base_version": 0, "update": "a@0",
-                                      "version_buffer": 1, "status": "accepted"})
+    assert (status, answer) == (
+        202,
+        {
+            "client": "a",
+            "base_version": 0,
+            "update": "a@0",
+            "version_buffer": 1,
+            "status": "accepted",
+        },
+    )
     assert p.upload("a", abody(u, n, 0)) == (200, {**answer, "status": "replay"})
     status, answer = p.upload("a", abody(u, n + 1, 0))
     assert (status, answer["error"]) == (409, "conflicting_update")
@@ -97,7 +109,9 @@ def test_http_contract(tmp_path: Path, apps: dict[str, Any]) -> None:  # noqa: F
     assert (status, answer["error"]) == (409, "stale")
     assert "fetch version 0" in answer["message"]
     assert p.call("get", "/versions/1", "a") == (
-        200, {"version": 1, "state": "filling", "received": 1, "buffer": 2})
+        200,
+        {"version": 1, "state": "filling", "received": 1, "buffer": 2},
+    )
 
     # the wrong mode's endpoints point to the right ones
     status, answer = p.call("post", "/rounds/1/updates", "a", data=abody(u, n, 0))
@@ -324,8 +338,12 @@ def check_against_reference(play: AsyncPlay, last: int) -> None:
             x, meta = tensors_from_safetensors(data)
             assert record["staleness"][uid] == r - 1 - base
             updates.append((x, int(meta["num_examples"]), play.model(base), r - 1 - base))
-        exact = fedbuff(play.model(r - 1) or {}, updates, play.spec.staleness_exponent,
-                        play.spec.options.get("clip"))
+        exact = fedbuff(
+            play.model(r - 1) or {},
+            updates,
+            play.spec.staleness_exponent,
+            play.spec.options.get("clip"),
+        )
         assert fedavg_error(play.model(r) or {}, exact) <= TOLERANCE, f"version {r}"
 
 
@@ -335,8 +353,7 @@ def test_events_shuffled_duplicated_lost_commit_the_same_bytes(
     monkeypatch: pytest.MonkeyPatch, fan_in: int, seed: int
 ) -> None:
     plan = make_plan(seed, 5, 4, stale=2)
-    options = dict(buffer=5, rounds=len(plan), max_staleness=2, fan_in=fan_in,
-                   round_timeout=1e9)
+    options = dict(buffer=5, rounds=len(plan), max_staleness=2, fan_in=fan_in, round_timeout=1e9)
     ref = AsyncPlay(initial_model(seed), monkeypatch, **options)
     run_job(ref, plan)
     chaos = AsyncPlay(initial_model(seed), monkeypatch, **options)
@@ -345,33 +362,49 @@ def test_events_shuffled_duplicated_lost_commit_the_same_bytes(
     for p in (ref, chaos):
         verdict = check_job(p.store, "job", p.accepted())
         assert verdict.ok, verdict
-        assert sorted(uid for r in range(1, len(plan) + 1) for uid in p.record(r)["included"]) \
-            == sorted(update_id(c, b) for planned in plan for c, b in planned)  # type: ignore[index]
+        assert sorted(
+            uid for r in range(1, len(plan) + 1) for uid in p.record(r)["included"]
+        ) == sorted(update_id(c, b) for planned in plan for c, b in planned)  # type: ignore[index]
     check_against_reference(chaos, len(plan))
     staleness = [t for r in range(1, len(plan) + 1) for t in chaos.record(r)["staleness"].values()]  # type: ignore[index]
     assert max(staleness) >= 1  # the plan did exercise stale updates
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     k=st.integers(1, 7),
     fan_in=st.integers(1, 4),
     seed=st.integers(0, 2**32 - 1),
-    crashes=st.lists(st.tuples(st.sampled_from(ASYNC_FAILPOINTS), st.integers(1, 3)),
-                     max_size=4),
+    crashes=st.lists(st.tuples(st.sampled_from(ASYNC_FAILPOINTS), st.integers(1, 3)), max_size=4),
     drop=st.sampled_from([0.0, 0.2]),
     dup=st.sampled_from([0.0, 0.3]),
     strategy=st.sampled_from(["fedavg", "fedadam"]),
     timeout=st.sampled_from([1e9, 30.0]),
 )
 def test_crashes_lose_nothing_and_versions_are_their_sets_bytes(
-    monkeypatch: pytest.MonkeyPatch, k: int, fan_in: int, seed: int,
-    crashes: list[tuple[str, int]], drop: float, dup: float, strategy: str, timeout: float
+    monkeypatch: pytest.MonkeyPatch,
+    k: int,
+    fan_in: int,
+    seed: int,
+    crashes: list[tuple[str, int]],
+    drop: float,
+    dup: float,
+    strategy: str,
+    timeout: float,
 ) -> None:
     with monkeypatch.context() as mp:
-        play = AsyncPlay(initial_model(seed % 7), mp, buffer=k, rounds=3, max_staleness=3,
-                         fan_in=fan_in, round_timeout=timeout, strategy=strategy)
+        play = AsyncPlay(
+            initial_model(seed % 7),
+            mp,
+            buffer=k,
+            rounds=3,
+            max_staleness=3,
+            fan_in=fan_in,
+            round_timeout=timeout,
+            strategy=strategy,
+        )
         play.armed = dict(crashes)
         skip = 0.2 if timeout < 1e9 else 0.0  # clients that never send: deadlines close buffers
         run_job(play, make_plan(seed, k, 3, stale=2), random.Random(seed), drop, dup, skip)
@@ -395,8 +428,10 @@ def test_deadline_closes_a_partial_buffer_and_a_racing_upload_moves_on(
         assert play.upload(c, 0, abody(*trained(model, c, 0), 0))[0] == 202
     play.progress(lambda: not play.queue, None, 0, 0)
     play.ping(T0 + 4)  # before the deadline: nothing
-    assert play.record(1) is None and play.store.objects.get(
-        "jobs/job/rounds/00000001/seal.json") is None
+    assert (
+        play.record(1) is None
+        and play.store.objects.get("jobs/job/rounds/00000001/seal.json") is None
+    )
 
     # the race: an upload found slot 2 free, then the sweep closed the buffer, then it creates
     first_free = Buffers._first_free
@@ -418,7 +453,10 @@ def test_deadline_closes_a_partial_buffer_and_a_racing_upload_moves_on(
     record = play.record(1)
     assert record is not None
     assert (record["included"], record["void_slots"], record["sealed_reason"]) == (
-        ["a@0", "b@0"], 2, "deadline")
+        ["a@0", "b@0"],
+        2,
+        "deadline",
+    )
     # version 2 opened when version 1 committed: c waits there, and its deadline counts from then
     play.ping(record["committed_at"] + 4)
     assert play.record(2) is None
@@ -478,8 +516,16 @@ def test_a_retry_that_claims_first_voids_the_slot_it_left(monkeypatch: pytest.Mo
     play.armed = {"buffers.after_slot": 1}  # slot 0 taken, no claim
     data = abody(*trained(model, "a", 0), 0)
     assert play.upload("a", 0, data)[0] == 0
-    assert play.upload("a", 0, data) == (200, {"client": "a", "base_version": 0, "update": "a@0",
-                                               "version_buffer": 1, "status": "replay"})
+    assert play.upload("a", 0, data) == (
+        200,
+        {
+            "client": "a",
+            "base_version": 0,
+            "update": "a@0",
+            "version_buffer": 1,
+            "status": "replay",
+        },
+    )
     for c in ("b", "c"):
         play.upload(c, 0, abody(*trained(model, c, 0), 0))
     play.progress(lambda: play.record(1) is not None, None, 0, 0)
@@ -492,8 +538,15 @@ def test_a_retry_that_claims_first_voids_the_slot_it_left(monkeypatch: pytest.Mo
 
 
 def test_clip_in_async_clips_each_delta_from_its_own_base(monkeypatch: pytest.MonkeyPatch) -> None:
-    play = AsyncPlay(initial_model(7), monkeypatch, buffer=3, rounds=3, fan_in=2,
-                     round_timeout=1e9, strategy_options={"clip": 0.5})
+    play = AsyncPlay(
+        initial_model(7),
+        monkeypatch,
+        buffer=3,
+        rounds=3,
+        fan_in=2,
+        round_timeout=1e9,
+        strategy_options={"clip": 0.5},
+    )
     run_job(play, make_plan(7, 3, 3, stale=1))
     check_against_reference(play, 3)
     records = [play.record(r) for r in (1, 2, 3)]
@@ -510,17 +563,19 @@ def test_leaf_folds_before_the_previous_version_exists(monkeypatch: pytest.Monke
     play = AsyncPlay(model, monkeypatch, buffer=2, rounds=2, fan_in=1, round_timeout=1e9)
     for c in ("a", "b", "c", "d"):
         assert play.upload(c, 0, abody(*trained(model, c, 0), 0))[1]["version_buffer"] == (
-            1 if c in "ab" else 2)
+            1 if c in "ab" else 2
+        )
     held = [e for e in play.queue if e.data.get("round") == 1]
     play.queue = [e for e in play.queue if e.data.get("round") != 1]
     while play.queue:
         play.step(None)
-    assert play.model(1) is None and play.store.objects.get(
-        "jobs/job/rounds/00000002/seal.json") is not None
+    assert (
+        play.model(1) is None
+        and play.store.objects.get("jobs/job/rounds/00000002/seal.json") is not None
+    )
     assert Rounds(play.store, play.spec).nodes(2) == {(0, 0), (0, 1)}
     play.queue = held
     while play.queue:
         play.step(None)
     assert play.record(2) is not None and play.record(2)["staleness"] == {"c@0": 1, "d@0": 1}  # type: ignore[index]
     check_against_reference(play, 2)
-
