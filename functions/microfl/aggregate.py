@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from microfl import events, shards
+from microfl import buffers, events, shards
 from microfl.backends import Backends
 from microfl.errors import JobNotFound, MicroFLError, PoisonEvent, Unavailable
 from microfl.exactsum import ExactSum
@@ -61,9 +61,12 @@ def build_node(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
     if level < 0 or j < 0:
         raise PoisonEvent(f"round {r} has no node {j} at level {level}")
     if not rounds.node_exists(r, level, j):
-        base = _base(rounds, spec, r)
+        # an async job's buffers sum deltas on model 0's grid (buffers.grid_base)
+        base = buffers.grid_base(rounds) if spec.is_async else _base(rounds, spec, r)
         acc = ExactSum(base, max_weight=spec.max_examples)
-        if level == 0:
+        if level == 0 and spec.is_async:
+            meta = _fold_buffer_leaf(b, spec, acc, r, j)
+        elif level == 0:
             members = _read_members(rounds, r, _leaf_members(rounds, r, j))
             meta = fold_updates(acc, spec, members, base, _clip_bound(b, spec, r))
         else:
@@ -125,6 +128,27 @@ def _clip_bound(b: Backends, spec: JobSpec, r: int) -> float | None:
     options = spec.options
     saved = b.store.read(optimizer_key(spec.job, r - 1)) if spec.strategy == DP else None
     return round_clip(options, tensors_from_safetensors(saved)[0] if saved else None)
+
+
+def _fold_buffer_leaf(b: Backends, spec: JobSpec, acc: ExactSum, r: int, j: int) -> PartialMeta:
+    """Leaf j of an async job's buffer r: its members' deltas from their own base versions,
+    each base read once (at most fan_in of them besides fan_in updates)."""
+    buf = buffers.Buffers(b.store, spec)
+    uids, _ = buf.leaf_members(r, j)
+    members = []
+    for uid in uids:
+        client, base = buffers.parse_update_id(uid)
+        members.append((uid, buf.read_update(base, client)))
+    models: dict[int, dict[str, np.ndarray] | None] = {}
+
+    def model(v: int) -> dict[str, np.ndarray] | None:
+        if v not in models:
+            data = buf.rounds.model(v)
+            checked = None if data is None else check_model(spec, v, data)
+            models[v] = None if checked is None else tensors_from_safetensors(checked)[0]
+        return models[v]
+
+    return buffers.fold_deltas(acc, spec, r, members, model, spec.options.get("clip"))
 
 
 def _base(rounds: Rounds, spec: JobSpec, r: int) -> dict[str, np.ndarray]:

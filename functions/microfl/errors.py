@@ -10,6 +10,8 @@
     │   ├── RoundNotFound (LookupError)         404 a round that has not opened
     │   ├── RoundNotOpen                        409 round r is not the open round
     │   ├── ConflictingUpdate                   409 same client, different bytes
+    │   ├── StaleUpdate                         409 async: base version too old or unknown
+    │   ├── WrongMode                           409 a sync endpoint of an async job, or back
     │   ├── UpdateTooLarge                      413 larger than the job's limit
     │   └── SchemaMismatch (ValueError)         422 names, shapes, dtypes; NaN/Inf
     ├── PoisonEvent (ValueError)           400 an event no retry can fix (dead-lettered)
@@ -43,10 +45,12 @@ __all__ = [
     "RoundNotFound",
     "RoundNotOpen",
     "SchemaMismatch",
+    "StaleUpdate",
     "StorageUnavailable",
     "Unauthorized",
     "Unavailable",
     "UpdateTooLarge",
+    "WrongMode",
     "http_error",
 ]
 
@@ -89,6 +93,14 @@ class RoundNotOpen(RequestError):
 
 class ConflictingUpdate(RequestError):
     pass
+
+
+class StaleUpdate(RequestError):
+    """An async update whose base_version is newer than the latest, or staler than allowed."""
+
+
+class WrongMode(RequestError):
+    """A round endpoint of an async job, or the async endpoint of a sync job."""
 
 
 class UpdateTooLarge(RequestError):
@@ -138,6 +150,8 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str] | tuple[int, str, str]] =
     RoundNotFound: (404, "unknown_round"),
     RoundNotOpen: (409, "round_not_open"),
     ConflictingUpdate: (409, "conflicting_update"),
+    StaleUpdate: (409, "stale"),
+    WrongMode: (409, "wrong_mode"),
     UpdateTooLarge: (413, "update_too_large"),
     SchemaMismatch: (422, "schema_mismatch"),
     PoisonEvent: (400, "invalid_event"),

@@ -27,6 +27,8 @@ FAILPOINTS = (
     "finalize.mid_combine",
     "finalize.after_model",
     "finalize.after_record",
+    "buffers.after_slot",
+    "buffers.after_close",
     "shards.mid_read",
     "shards.after_node",
     "shards.after_selection",

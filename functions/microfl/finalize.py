@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from microfl import events, shards
+from microfl import events, shards, versions
 from microfl.backends import Backends
+from microfl.buffers import Buffers
 from microfl.errors import JobNotFound, PoisonEvent
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
@@ -76,6 +77,10 @@ def on_update(b: Backends, spec: JobSpec, r: int, client: str, slot: int | None)
     rounds = Rounds(b.store, spec)
     if not 1 <= r <= spec.rounds:
         return
+    if spec.is_async:  # an update.accepted of an async job always names its slot
+        if slot is not None:
+            _on_buffer_update(b, rounds, r, client_trigger(client), slot)
+        return
     sealed = rounds.seal(r)
     if sealed is not None:
         # The seal's writer requested the rest, unless it died first: then the event that
@@ -91,6 +96,25 @@ def on_update(b: Backends, spec: JobSpec, r: int, client: str, slot: int | None)
     if slot is not None and not spec.sharded and rounds.slot_exists(r, (slot // k + 1) * k - 1):
         _request(b, rounds, r, [(0, slot // k)], resend=False)
     seal(b, spec, r, client_trigger(client), slot=slot)
+
+
+def _on_buffer_update(b: Backends, rounds: Rounds, r: int, trigger: str, slot: int) -> None:
+    """Async: request the leaf that `slot` completes (no need for model r-1: deltas fold on
+    model 0's grid), and seal buffer r once its last slot is taken."""
+    sealed = rounds.seal(r)
+    if sealed is None:
+        k, size = rounds.spec.fan_in, rounds.spec.buffer
+        if rounds.slot_exists(r, min((slot // k + 1) * k, size) - 1):
+            _request(b, rounds, r, [(0, slot // k)], resend=False)
+        if not rounds.slot_exists(r, size - 1):
+            return
+        sealed, created = Buffers(b.store, rounds.spec).seal(r, b.clock(), trigger)
+        failpoint("finalize.after_seal")
+        if not created:
+            return
+    elif sealed.trigger != trigger:  # as in on_update: only the sealing event comes again
+        return
+    _advance(b, rounds, sealed, resend=False)
 
 
 def on_partial(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
@@ -237,6 +261,8 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
     when asked)."""
     job = spec.job
     rounds = Rounds(b.store, spec)
+    if spec.is_async:
+        return _commit_versions(b, rounds, r, announce)
     sealed = rounds.seal(r)
     if sealed is None:
         return False
@@ -299,6 +325,21 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
     if announce:
         b.bus.publish([events.round_committed(job, r)], key=job)
     return True
+
+
+def _commit_versions(b: Backends, rounds: Rounds, r: int, announce: bool) -> bool:
+    """Async: commit version r, then r + 1, ... while each is ready (versions.commit: sealed,
+    tree complete, previous model written); True when version r is committed."""
+    done = False
+    while r <= rounds.spec.rounds:
+        written = versions.commit(rounds, r, b.clock())
+        if written is None:
+            break
+        failpoint("finalize.after_record")
+        if written or announce:
+            b.bus.publish([events.round_committed(rounds.job, r)], key=rounds.job)
+        done, announce, r = True, False, r + 1
+    return done
 
 
 def _model(rounds: Rounds, version: int) -> bytes:
@@ -387,6 +428,13 @@ def sweep(b: Backends) -> None:
             version = rounds.latest_version()
             if version >= 1 and not rounds.has_record(version):
                 commit(b, spec, version, announce=True)  # record lost with its instance
+            if spec.is_async:  # place unclaimed updates, close a late buffer, then as below
+                found, work = Buffers(b.store, spec).sweep(version, b.clock(), SWEEP_TRIGGER)
+                if found:
+                    b.bus.publish(found, key=job)
+                for buffer, sealed in work:
+                    _advance(b, rounds, sealed, resend=True, r=buffer)
+                continue
             r = rounds.open_round(version)
             if r is None:
                 continue

@@ -93,6 +93,8 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", r"/v1/jobs/(?P<job>[^/]+)/model", "model"),
     ("POST", r"/v1/jobs/(?P<job>[^/]+)/rounds/(?P<round>[0-9]{1,9})/updates", "update"),
     ("GET", r"/v1/jobs/(?P<job>[^/]+)/rounds/(?P<round>[0-9]{1,9})", "round"),
+    ("POST", r"/v1/jobs/(?P<job>[^/]+)/updates", "async_update"),
+    ("GET", r"/v1/jobs/(?P<job>[^/]+)/versions/(?P<version>[0-9]{1,9})", "version"),
 ]
 
 
@@ -143,6 +145,13 @@ def _ingest_route(name: str, request: flask.Request, params: dict[str, str]) -> 
             200,
             {"Content-Type": "application/octet-stream", "MicroFL-Model-Version": str(v)},
         )
+    if name == "version":
+        return _json(200, ingest_service.get_version(b, job, int(params["version"]), token))
+    if name == "async_update":
+        status, body = ingest_service.post_async_update(
+            b, job, token, request.stream.read, request.content_length
+        )
+        return _json(status, body)
     r = int(params["round"])
     if name == "round":
         return _json(200, ingest_service.get_round(b, job, r, token))

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from microfl import events
 from microfl.backends import Backends
+from microfl.buffers import Buffers, base_version, update_id
 from microfl.errors import (
     ConflictingUpdate,
     Forbidden,
@@ -21,6 +22,7 @@ from microfl.errors import (
     RoundNotOpen,
     Unavailable,
     UpdateTooLarge,
+    WrongMode,
 )
 from microfl.faults import failpoint
 from microfl.jobs import JobSpec, check_model, load_job, revoked_key, validate_update
@@ -28,7 +30,7 @@ from microfl.rounds import Rounds
 from microfl.serde import tensors_from_safetensors_file
 from microfl.tokens import Claims, verify_token
 
-__all__ = ["get_job", "get_model", "get_round", "post_update"]
+__all__ = ["get_job", "get_model", "get_round", "get_version", "post_async_update", "post_update"]
 
 SEAL_WAIT = 10.0  # seconds an upload waits for a seal in progress before answering 503
 # Bytes of a body read at a time. gunicorn holds about three times that per read, so with 100
@@ -56,17 +58,25 @@ def get_job(b: Backends, job: str, token: str | None) -> dict[str, Any]:
     rounds = Rounds(b.store, spec)
     version = rounds.latest_version()
     current = rounds.open_round(version)
-    return {
+    doc = {
         "job": job,
         "state": "running" if current else "done",
-        "open_round": current,
+        "open_round": None if spec.is_async else current,
         "model_version": version,
         "rounds": spec.rounds,
         "min_clients": spec.min_clients,
         "round_deadline": spec.round_timeout,
         "strategy": spec.strategy,
         "max_examples": spec.max_examples,
+        "mode": spec.mode,
     }
+    if spec.is_async:  # `rounds` is the number of versions the job makes
+        doc.update(
+            buffer=spec.buffer,
+            max_staleness=spec.max_staleness,
+            staleness_exponent=spec.staleness_exponent,
+        )
+    return doc
 
 
 def get_model(
@@ -84,6 +94,11 @@ def get_model(
 
 def get_round(b: Backends, job: str, r: int, token: str | None) -> dict[str, Any]:
     claims, spec = _authorize(b, job, token)
+    if spec.is_async:
+        raise RoundNotFound(
+            f"job {job!r} is asynchronous: it has versions, not rounds; "
+            f"GET /v1/jobs/{job}/versions/{{v}}"
+        )
     rounds = Rounds(b.store, spec)
     doc = rounds.record(r)
     if doc is not None:
@@ -116,15 +131,106 @@ def post_update(
 ) -> tuple[int, dict]:
     """Validate, store create-only, announce. 202 new, 200 replay of the same bytes.
     read_body is the request stream's read: up to n more bytes, b"" at the end."""
+    spec, client = _uploader(b, job, token, content_length, r)
+    with _spooled(read_body, spec.update_limit, job) as (body, size):
+        return _store_update(b, spec, r, client, body, size)
+
+
+def post_async_update(
+    b: Backends,
+    job: str,
+    token: str | None,
+    read_body: Callable[[int], bytes],
+    content_length: int | None,
+) -> tuple[int, dict]:
+    """POST /v1/jobs/{job}/updates: an async job's update, trained on __metadata__'s
+    base_version. 202 new, 200 replay; the body names the version it counts in."""
+    spec, client = _uploader(b, job, token, content_length, None)
+    with _spooled(read_body, spec.update_limit, job) as (body, size):
+        tensors, metadata = tensors_from_safetensors_file(body, size, spec.header_limit)
+        validate_update(spec, tensors, metadata)
+        base = base_version(metadata)
+        buf = Buffers(b.store, spec)
+        stored = _same_as_stored(buf.read_update_to_file, base, client, body)
+        created = False
+        if stored is None:
+            buf.check_fresh(base)
+            created = buf.create_update(base, client, body)
+            if not created:
+                stored = _same_as_stored(buf.read_update_to_file, base, client, body)
+            failpoint("ingest.after_update")
+        if stored is not None and not stored:
+            raise ConflictingUpdate(
+                f"client {client!r} already sent a different update trained on version {base}; "
+                "an update cannot be changed"
+            )
+    place = None if created else buf.claim(base, client)
+    if place is None:  # new, or a replay whose instance died before it was placed
+        taken, place = buf.place(base, client)
+        if place is None:
+            if created:
+                buf.delete_update(base, client)
+            raise RoundNotOpen(f"job {job!r} has made all its {spec.rounds} versions")
+        failpoint("ingest.after_slot")
+        k = spec.fan_in
+        if taken is not None and ((taken.slot + 1) % k == 0 or taken.slot == spec.buffer - 1):
+            uid = update_id(client, base)
+            b.bus.publish([events.update_accepted(job, taken.buffer, uid, taken.slot)], key=job)
+    answer = {
+        "client": client,
+        "base_version": base,
+        "update": update_id(client, base),
+        "version_buffer": place.buffer,
+        "status": "accepted" if created else "replay",
+    }
+    return (202 if created else 200), answer
+
+
+def _uploader(
+    b: Backends, job: str, token: str | None, content_length: int | None, r: int | None
+) -> tuple[JobSpec, str]:
+    """(the job, the client) for an upload to round r (None: to an async job)."""
     claims, spec = _authorize(b, job, token)
-    client = claims.client
-    if client is None:
+    if spec.is_async and r is not None:
+        raise WrongMode(
+            f"job {job!r} is asynchronous: it has no rounds; POST /v1/jobs/{job}/updates "
+            "with base_version in __metadata__"
+        )
+    if not spec.is_async and r is None:
+        raise WrongMode(
+            f"job {job!r} is synchronous: POST /v1/jobs/{job}/rounds/{{r}}/updates to its "
+            f"open round (GET /v1/jobs/{job} names it)"
+        )
+    if claims.client is None:
         raise Forbidden("updates are posted with a client token, not an admin token")
     limit = spec.update_limit
     if content_length is not None and content_length > limit:
         raise UpdateTooLarge(f"update is {content_length} bytes; job {job!r} takes at most {limit}")
-    with _spooled(read_body, limit, job) as (body, size):
-        return _store_update(b, spec, r, client, body, size)
+    return spec, claims.client
+
+
+def get_version(b: Backends, job: str, v: int, token: str | None) -> dict[str, Any]:
+    """GET /v1/jobs/{job}/versions/{v} of an async job: version v's record once committed
+    (examples and weights for admins only), else the state of the buffer that makes it."""
+    claims, spec = _authorize(b, job, token)
+    if not spec.is_async:
+        raise RoundNotFound(
+            f"job {job!r} is synchronous: round r makes version r; GET /v1/jobs/{job}/rounds/{v}"
+        )
+    rounds = Rounds(b.store, spec)
+    doc = rounds.record(v)
+    if doc is not None:
+        if not claims.admin:
+            doc.pop("examples", None)
+            doc.pop("weights", None)
+        return doc
+    if not 1 <= v <= spec.rounds:
+        raise RoundNotFound(f"job {job!r} makes versions 1 to {spec.rounds}, not {v}")
+    seal = rounds.seal(v)
+    if seal is not None:
+        return {"version": v, "state": "sealed", "reason": seal.reason, "buffer": spec.buffer}
+    received = min(rounds.slot_count(v), spec.buffer)  # slots taken, void ones included
+    return {"version": v, "state": "filling", "received": received, "buffer": spec.buffer}
 
 
 def _store_update(
@@ -138,13 +244,13 @@ def _store_update(
     validate_update(spec, tensors, metadata)
 
     rounds = Rounds(b.store, spec)
-    stored = _same_as_stored(rounds, r, client, body)  # None: nothing stored yet
+    stored = _same_as_stored(rounds.read_update_to_file, r, client, body)  # None: none stored
     created = False
     if stored is None:
         rounds.require_open(r)
         created = rounds.create_update(r, client, body)
         if not created:
-            stored = _same_as_stored(rounds, r, client, body)
+            stored = _same_as_stored(rounds.read_update_to_file, r, client, body)
         failpoint("ingest.after_update")
     if stored is not None and not stored:
         raise ConflictingUpdate(
@@ -187,12 +293,15 @@ def _spooled(
         yield spool, size
 
 
-def _same_as_stored(rounds: Rounds, r: int, client: str, body: IO[bytes]) -> bool | None:
-    """Whether the client's stored update has body's bytes (None: there is none), compared as
-    the store streams it: neither is ever whole in memory."""
+def _same_as_stored(
+    read: Callable[[int, str, IO[bytes]], bool], r: int, client: str, body: IO[bytes]
+) -> bool | None:
+    """Whether the client's stored update (read(r, client, out): round r's, or trained on
+    version r) has body's bytes (None: there is none), compared as the store streams it:
+    neither is ever whole in memory."""
     body.seek(0)
     same = _Comparison(body)
-    if not rounds.read_update_to_file(r, client, same):  # type: ignore[arg-type]  # only writes
+    if not read(r, client, same):  # type: ignore[arg-type]  # only writes
         return None
     return same.equal and body.read(1) == b""
 

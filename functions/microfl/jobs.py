@@ -6,7 +6,9 @@ Layout under `jobs/{job}/` (every object written once, create-only; rounds.py ow
     models/{v:08d}.safetensors                global model version v (0 = initial)
     optimizer/{v:08d}.safetensors             server optimiser state after version v (FedAdam)
     revoked/{client}                          the client's tokens no longer admit it (JSON)
-    rounds/{r:08d}/...                        round r (microfl.rounds)
+    rounds/{r:08d}/...                        round r (microfl.rounds); in an async job, the
+                                              buffer that makes version r
+    async/{base:08d}/...                      an async job's updates by base version (buffers)
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from microfl.store import ObjectStore
 from microfl.strategy import SHARDED, check_options
 
 __all__ = [
+    "ASYNC_STRATEGIES",
+    "MODES",
     "JobSpec",
     "TensorSpec",
     "check_model",
@@ -64,6 +68,13 @@ HEADER_ROOM = 4 * 1024  # bytes of an update's header beyond twice the model's: 
 # Bytes of update values one instance may hold for a coordinate-wise statistic (median,
 # trimmed mean, Krum): it sets the coordinate shard's width, N updates x width x 8 bytes.
 DEFAULT_MEMORY_BUDGET = 256 << 20
+MODES = ("sync", "async")
+# Strategies an async job may use: each buffered update is a delta from its own base version,
+# which the summing strategies weigh and add. The coordinate-wise statistics (median,
+# trimmed-mean, krum) compare whole updates against one another, which mean nothing across
+# different base versions; dp-fedavg's accounting assumes one contribution per client per
+# release, which a client that posts again on every new version breaks.
+ASYNC_STRATEGIES = ("fedavg", "fedadam")
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,12 @@ class JobSpec:
     max_examples: int = DEFAULT_MAX_EXAMPLES  # job.json files without it load with the default
     model_sha256: str = ""  # model 0's hash, set by create_job ("" in older jobs)
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes; see DEFAULT_MEMORY_BUDGET
+    # Asynchronous (FedBuff) jobs, microfl.buffers: `rounds` is the number of versions made,
+    # every `buffer` accepted updates make one; an update's weight is (1 + staleness) ** -a.
+    mode: str = "sync"
+    buffer: int = 0  # K, updates per version (async only)
+    max_staleness: int = 10  # versions an update's base may lag the latest (async only)
+    staleness_exponent: float = 0.5  # a: weight 1/sqrt(1 + staleness) by default
 
     def __post_init__(self) -> None:
         problems = []
@@ -117,10 +134,40 @@ class JobSpec:
                 )
         if self.memory_budget < 1 << 20:
             problems.append("memory_budget must be at least 1 MiB")
+        problems += self._mode_problems()
         if not self.schema:
             problems.append("the model has no tensors")
         if problems:
             raise ConfigError(f"job {self.job!r}: " + "; ".join(problems))
+
+    def _mode_problems(self) -> list[str]:
+        if self.mode not in MODES:
+            return [f"mode must be one of {', '.join(MODES)}, not {self.mode!r}"]
+        if self.mode == "sync":
+            return ["buffer is for async jobs (--mode async)"] if self.buffer else []
+        problems = []
+        if self.buffer < 1:
+            problems.append("an async job needs --buffer K >= 1 (updates per version)")
+        if self.max_staleness < 0:
+            problems.append("max_staleness must be >= 0 versions")
+        if not 0 <= self.staleness_exponent < math.inf:
+            problems.append("staleness_exponent must be a finite number >= 0")
+        if self.strategy not in ASYNC_STRATEGIES:
+            why = (
+                "dp-fedavg's privacy accounting assumes one update per client per release"
+                if self.strategy == "dp-fedavg"
+                else f"{self.strategy} compares whole updates, which trained on different "
+                "versions in an async job"
+            )
+            problems.append(
+                f"async jobs take the strategies {', '.join(ASYNC_STRATEGIES)} (with clip), "
+                f"not {self.strategy}: {why}; use --mode sync for it"
+            )
+        return problems
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode == "async"
 
     @property
     def options(self) -> dict[str, float]:

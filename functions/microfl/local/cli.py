@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from microfl.errors import MicroFLError
+from microfl.local.jobargs import add_async_arguments, async_options
+from microfl.local.jobargs import strategy_options as _strategy_options
 
 if TYPE_CHECKING:  # the chaos module needs the local extra; imported where it runs
     from microfl.local.chaos import ScenarioResult
@@ -143,6 +145,7 @@ def cmd_job_create(args: argparse.Namespace) -> int:
         memory_budget=args.memory_budget << 20,
         max_examples=args.max_examples,
         created_at=time.time(),
+        **async_options(args),
     )
     store = _store()
     created = create_job(store, spec, model)  # a retry with the same spec and model: False
@@ -151,22 +154,10 @@ def cmd_job_create(args: argparse.Namespace) -> int:
         f"{'created' if created else 'found'} job {args.job} in {store.url}: "
         f"{len(spec.schema)} tensors (~{params:,} float32 parameters), {spec.rounds} rounds, "
         f"quorum {spec.min_clients}, deadline {spec.round_timeout:g}s, {spec.strategy}"
+        + (f", async with buffer {spec.buffer}" if spec.is_async else "")
         + ("" if created else " (made earlier with this model and options; nothing changed)")
     )
     return 0
-
-
-def _strategy_options(pairs: list[str]) -> dict[str, float]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        try:
-            options[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"--strategy-option {pair!r}: write KEY=NUMBER, e.g. beta=0.2")
-    return options
 
 
 def _add_strategy_arguments(p: argparse.ArgumentParser) -> None:
@@ -369,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which a round seals with what it has",
     )
     _add_strategy_arguments(p)
+    add_async_arguments(p)
     p.add_argument(
         "--memory-budget",
         type=int,

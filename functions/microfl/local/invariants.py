@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from microfl import shards
-from microfl.jobs import load_job, model_key, optimizer_key, validate_update
-from microfl.local.reference import clipped, fedavg, fedavg_error, krum, statistic
+from microfl.buffers import Buffers, parse_update_id, update_id
+from microfl.buffers import update_key as async_update_key
+from microfl.jobs import JobSpec, load_job, model_key, optimizer_key, validate_update
+from microfl.local.reference import clipped, fedavg, fedavg_error, fedbuff, krum, statistic
 from microfl.privacy import DP, DpState, generator, noise_key
 from microfl.rounds import Rounds, Seal, update_key
 from microfl.serde import partial_from_safetensors, tensors_from_safetensors
@@ -50,9 +52,12 @@ def check_job(
     rtol: float = 1e-6,
     secret: bytes = b"",
 ) -> Verdict:
-    """`accepted`: the (round, client) pairs whose upload was answered 200 or 202. With the
-    functions' secret, dp-fedavg models are recomputed too (their noise is keyed by it)."""
+    """`accepted`: the (round, client) pairs whose upload was answered 200 or 202; for an
+    async job the (base_version, client) pairs. With the functions' secret, dp-fedavg models
+    are recomputed too (their noise is keyed by it)."""
     spec = load_job(store, job)
+    if spec.is_async:
+        return _check_async(store, spec, accepted, rtol)
     rounds = Rounds(store, spec)
     latest = rounds.latest_version()
     verdict = Verdict(rounds_committed=latest, accepted=len(accepted))
@@ -180,3 +185,59 @@ def _model_is_right(
     if "clip" in spec.options:
         updates = [(clipped(u, base, spec.options["clip"])[0], n) for u, n in updates]
     return fedavg_error(model, fedavg(updates)) <= rtol
+
+
+def _check_async(
+    store: ObjectStore, spec: JobSpec, accepted: set[tuple[int, str]], rtol: float
+) -> Verdict:
+    """Every accepted update whose claim names a committed version is in that version's record
+    and in no other; each version's leaves folded exactly its `included`; each fedavg model is
+    FedBuff's (numpy, microfl.local.reference.fedbuff) within rtol. No deadline check: a
+    version waits for K updates, not for a clock."""
+    rounds, buf = Rounds(store, spec), Buffers(store, spec)
+    latest = rounds.latest_version()
+    verdict = Verdict(rounds_committed=latest, accepted=len(accepted))
+    listed: Counter[str] = Counter()
+    for r in range(1, latest + 1):
+        record = rounds.record(r)
+        if record is None:
+            verdict.late_rounds.append(f"version {r}: model committed but no record")
+            continue
+        listed.update(record["included"])
+        listed.update(e["update"] for e in record["excluded"])
+        folded: Counter[str] = Counter()
+        seal = rounds.seal(r)
+        for j in range(seal.tree.sizes[0] if seal else 0):
+            data = rounds.node(r, 0, j)
+            if data is not None:
+                folded.update(c for c, _ in partial_from_safetensors(data)[1].examples)
+        if record["included"] and sorted(folded.elements()) != record["included"]:
+            verdict.bad_trees.append(f"version {r}: the leaves did not fold its included")
+        if spec.strategy == "fedavg" and not _version_is_right(store, spec, r, record, rtol):
+            verdict.wrong_models.append(f"version {r}")
+    for base, client in sorted(accepted):
+        place = buf.claim(base, client)
+        if place is None or (place.buffer <= latest and listed[update_id(client, base)] == 0):
+            verdict.lost.append(f"{client}@{base}")
+    verdict.double_counted = sorted(u for u, n in listed.items() if n > 1)
+    return verdict
+
+
+def _version_is_right(
+    store: ObjectStore, spec: JobSpec, r: int, record: dict, rtol: float
+) -> bool:
+    def model(v: int) -> dict[str, np.ndarray]:
+        return tensors_from_safetensors(store.read(model_key(spec.job, v)) or b"")[0]
+
+    current, got = model(r - 1), model(r)
+    if not record["included"]:
+        return all(np.array_equal(got[k], current[k]) for k in got)
+    updates = []
+    for uid in record["included"]:
+        client, base = parse_update_id(uid)
+        tensors, meta = tensors_from_safetensors(
+            store.read(async_update_key(spec.job, base, client)) or b""
+        )
+        updates.append((tensors, validate_update(spec, tensors, meta), model(base), r - 1 - base))
+    exact = fedbuff(current, updates, spec.staleness_exponent, spec.options.get("clip"))
+    return fedavg_error(got, exact) <= rtol

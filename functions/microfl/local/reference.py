@@ -21,6 +21,7 @@ __all__ = [
     "fedavg",
     "fedavg_error",
     "fedavg_mismatch",
+    "fedbuff",
     "krum",
     "sq_distances",
     "statistic",
@@ -44,6 +45,29 @@ def fedavg(updates: Iterable[tuple[Tensors, float]]) -> dict[str, np.ndarray]:
     if total <= 0:
         raise ValueError("FedAvg of no examples: give at least one update with num_examples > 0")
     return {name: s / total for name, s in sums.items()}
+
+
+def fedbuff(
+    current: Tensors,
+    updates: Iterable[tuple[Tensors, float, Tensors, int]],
+    exponent: float,
+    clip: float | None = None,
+) -> dict[str, np.ndarray]:
+    """FedBuff's next point before the server update, in float64: current + sum_i n_i
+    (1 + tau_i) ** -exponent (x_i - base_i) / sum_i n_i for (x_i, n_i, base_i, tau_i); with
+    clip, each delta from ITS base is clipped first (`clipped`)."""
+    step: dict[str, np.ndarray] = {k: np.zeros(np.shape(v)) for k, v in current.items()}
+    total = 0.0
+    for x, n, base, tau in updates:
+        if clip is not None:
+            x = clipped(x, base, clip)[0]
+        w = (1.0 + tau) ** -exponent
+        total += n
+        for k in step:
+            step[k] = step[k] + n * w * (np.asarray(x[k], np.float64) - base[k].astype(np.float64))
+    if total <= 0:
+        raise ValueError("FedBuff of no examples: give at least one update with num_examples > 0")
+    return {k: current[k].astype(np.float64) + step[k] / total for k in current}
 
 
 def fedavg_error(model: Tensors, exact: Tensors) -> float:
