@@ -295,7 +295,7 @@ def _report_markdown(results: list[ScenarioResult]) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from microfl.local.demo import run_demo
 
-    return run_demo(args)
+    return run_demo(args, _strategy_options(args.strategy_option))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("robustness", help="strategies vs Byzantine clients on the demo")
+    from microfl.local import robustness
+
+    robustness.add_arguments(p)  # sets func
     return parser
 
 
