@@ -163,14 +163,16 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[st
 def test_a_client_claiming_huge_num_examples_dictates_fedavg(
     platform: tuple[dict[str, Any], str], tmp_path: Path
 ) -> None:
-    from microfl.local.demo import train_on
+    from microfl.local.demo import client_pool, train_on
 
     state, secret = platform
-    config = DemoConfig(clients=4, rounds=2, epochs=1, processes=2, fan_in=2, byzantine=0.25,
+    config = DemoConfig(clients=4, rounds=2, epochs=1, processes=1, fan_in=2, byzantine=0.25,
+                        baseline=False,
                         report=tmp_path / "clean")
-    clean = train_on(config, state, secret, None)
-    attacked = train_on(replace(config, attack="examples", report=tmp_path / "examples"),
-                        state, secret, None)
+    with client_pool(config) as pool:  # one worker, spawned once (it imports torch)
+        clean = train_on(config, state, secret, None, pool)
+        attacked = train_on(replace(config, attack="examples", report=tmp_path / "examples"),
+                            state, secret, None, pool)
 
     assert clean.model_sha256[0] == attacked.model_sha256[0], "the same initial model"
     assert clean.model_sha256[1] != attacked.model_sha256[1]

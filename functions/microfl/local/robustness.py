@@ -113,7 +113,11 @@ def compare(base: DemoConfig, runs: list[Run], report: Path) -> list[Outcome]:
                 flush=True,
             )
             config = replace(
-                base, strategy=run.strategy, strategy_options=run.options, attack=run.attack
+                base,
+                strategy=run.strategy,
+                strategy_options=run.options,
+                attack=run.attack,
+                baseline=False,  # the same for every run: the demo's own report has it
             )
             t0 = time.monotonic()
             result = train_on(config, state, secret, platform, pool)
