@@ -160,6 +160,33 @@ class TestObjectStore:
         assert not store.read_to_file("a/none", missing)
         assert missing.getvalue() == b""
 
+    def test_read_range_reads_the_bytes_asked_for(self, store: ObjectStore) -> None:
+        data = random.Random(5).randbytes(3 * BLOCK + 7)
+        assert store.create("a/ranged", data)
+        for start, length in [(0, 8), (1, 1), (BLOCK - 3, 10), (5, 2 * BLOCK), (0, len(data))]:
+            assert store.read_range("a/ranged", start, length) == data[start : start + length]
+
+    def test_read_range_past_the_end_is_short_or_empty(self, store: ObjectStore) -> None:
+        assert store.create("a/short", b"0123456789")
+        assert store.read_range("a/short", 8, 5) == b"89"
+        assert store.read_range("a/short", 9, 2) == b"9"  # how a shard checks an object's size
+        assert store.read_range("a/short", 10, 2) == b""
+        assert store.read_range("a/short", 1000, 3) == b""
+        assert store.read_range("a/short", 3, 0) == b""
+
+    def test_read_range_of_a_missing_object_is_none(self, store: ObjectStore) -> None:
+        assert store.read_range("a/none", 0, 8) is None
+        assert store.read_range("a/none", 100, 8) is None
+        assert store.read_range("a/none", 0, 0) is None
+        assert store.create("a/empty", b"")
+        assert store.read_range("a/empty", 0, 8) == b""
+
+    def test_read_range_refuses_negative_ranges(self, store: ObjectStore) -> None:
+        with pytest.raises(ValueError, match="start >= 0"):
+            store.read_range("a/x", -1, 4)
+        with pytest.raises(ValueError, match="length >= 0"):
+            store.read_range("a/x", 0, -4)
+
     def test_concurrent_creates_of_one_key_have_one_winner(self, store: ObjectStore) -> None:
         n = 8
         start = threading.Barrier(n)

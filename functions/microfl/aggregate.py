@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from microfl import events
+from microfl import events, shards
 from microfl.backends import Backends
 from microfl.errors import JobNotFound, MicroFLError, PoisonEvent, Unavailable
 from microfl.exactsum import ExactSum
@@ -47,6 +47,10 @@ def handle(b: Backends, event: Event) -> None:
         spec = load_job(b.store, job)
     except JobNotFound as exc:
         raise PoisonEvent(str(exc)) from None
+    if spec.sharded:  # a robust round: a coordinate shard, not a node of the summing tree
+        shards.build_shard(b.store, spec, r, level, node)
+        b.bus.publish([events.partial_ready(spec.job, r, level, node)], key=spec.job)
+        return
     build_node(b, spec, r, level, node)
 
 

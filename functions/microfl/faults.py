@@ -27,6 +27,10 @@ FAILPOINTS = (
     "finalize.mid_combine",
     "finalize.after_model",
     "finalize.after_record",
+    "shards.mid_read",
+    "shards.after_node",
+    "shards.after_selection",
+    "shards.after_model",
     "jobs.after_model",
 )
 

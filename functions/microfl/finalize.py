@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from microfl import events
+from microfl import events, shards
 from microfl.backends import Backends
 from microfl.errors import JobNotFound, PoisonEvent
 from microfl.exactsum import ExactSum
@@ -87,7 +87,7 @@ def on_update(b: Backends, spec: JobSpec, r: int, client: str, slot: int | None)
     if not b.store.exists(model_key(spec.job, r - 1)):
         return
     k = spec.fan_in
-    if slot is not None and rounds.slot_exists(r, (slot // k + 1) * k - 1):
+    if slot is not None and not spec.sharded and rounds.slot_exists(r, (slot // k + 1) * k - 1):
         _request(b, rounds, r, [(0, slot // k)], resend=False)
     seal(b, spec, r, client_trigger(client), slot=slot)
 
@@ -99,6 +99,10 @@ def on_partial(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
     if rounds.has_record(r):
         return
     sealed = rounds.seal(r)
+    if spec.sharded:  # shards exist only after the seal
+        if sealed is not None:
+            _advance(b, rounds, sealed, resend=False)
+        return
     f = branch(spec.fan_in)
     siblings: Iterable[int] = range(j // f * f, (j // f + 1) * f)
     if sealed is not None:
@@ -190,6 +194,14 @@ def _request(
 def _advance(b: Backends, rounds: Rounds, sealed: Seal | None, resend: bool, r: int = 0) -> None:
     """Request every node that is missing and whose inputs exist (one listing of the nodes):
     the sealed tree's, or before the seal the nodes over full leaves; commit a complete tree."""
+    if rounds.spec.sharded:  # nothing before the seal, then the shards (microfl.shards)
+        if sealed is not None:
+            wanted = shards.missing(rounds, sealed)
+            if wanted is None:
+                commit(b, rounds.spec, sealed.round, announce=resend)
+            else:
+                _request(b, rounds, sealed.round, wanted, resend)
+        return
     k, f = rounds.spec.fan_in, branch(rounds.spec.fan_in)
     children: Callable[[int, int], Iterable[int]]
     if sealed is not None:
@@ -227,7 +239,12 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
     sealed = rounds.seal(r)
     if sealed is None:
         return False
-    if not rounds.has_record(r):
+    if spec.sharded and not rounds.has_record(r):
+        written = shards.commit(rounds, sealed, b.clock())
+        if written is None:
+            return False
+        announce = written or announce
+    elif not rounds.has_record(r):
         sizes = sealed.tree.sizes
         top = [(len(sizes) - 1, j) for j in range(sizes[-1])] if sizes else []
         if not all(rounds.node_exists(r, *node) for node in top):

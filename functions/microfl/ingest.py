@@ -89,6 +89,7 @@ def get_round(b: Backends, job: str, r: int, token: str | None) -> dict[str, Any
     if doc is not None:
         if not claims.admin:  # each client's example count is the operator's business only
             doc.pop("examples", None)
+            doc.pop("scores", None)  # Krum's scores: distances between other clients' updates
         return doc
     seal = rounds.seal(r)
     if seal is not None:

@@ -8,7 +8,9 @@ Layout under `jobs/{job}/rounds/{r:08d}/` (every object written once, create-onl
     closing.json                        the decision to seal, written before the seal's listing
     seal.json                           which updates are in, and the positions past the slots
     requests/{l:02d}-{j:06d}.{a:02d}    node j of level l requested (attempt a; JSON: at)
-    nodes/{l:02d}/{j:06d}.safetensors   exact partial sum of node j of level l (serde.partial_*)
+    nodes/{l:02d}/{j:06d}.safetensors   exact partial sum of node j of level l (serde.partial_*),
+                                        or coordinate shard j of a robust round (microfl.shards)
+    selection.json                      Krum's choice, from the level-0 shards (microfl.shards)
     record.json                         the round record, written after model r
 
 Slots are claimed while a round fills, so leaves are folded before the seal. Slots are never
@@ -42,6 +44,7 @@ __all__ = [
     "record_key",
     "request_key",
     "seal_key",
+    "selection_key",
     "slot_key",
     "update_key",
     "updates_prefix",
@@ -96,6 +99,10 @@ def nodes_prefix(job: str, r: int) -> str:
 
 def node_key(job: str, r: int, level: int, j: int) -> str:
     return f"{nodes_prefix(job, r)}{level:02d}/{j:06d}.safetensors"
+
+
+def selection_key(job: str, r: int) -> str:
+    return f"{_round(job, r)}/selection.json"
 
 
 def record_key(job: str, r: int) -> str:
@@ -271,6 +278,9 @@ class Rounds:
     def read_update(self, r: int, client: str) -> bytes | None:
         return self.store.read(update_key(self.job, r, client))
 
+    def read_update_range(self, r: int, client: str, start: int, length: int) -> bytes | None:
+        return self.store.read_range(update_key(self.job, r, client), start, length)
+
     def read_update_to_file(self, r: int, client: str, out: IO[bytes]) -> bool:
         return self.store.read_to_file(update_key(self.job, r, client), out)
 
@@ -380,6 +390,15 @@ class Rounds:
 
     def create_record(self, r: int, record: dict[str, Any]) -> bool:
         return self.store.create(record_key(self.job, r), json_to_bytes(record))
+
+    def selection(self, r: int) -> dict[str, Any] | None:
+        data = self.store.read(selection_key(self.job, r))
+        return None if data is None else json_from_bytes(data)
+
+    def create_selection(self, r: int, doc: dict[str, Any]) -> dict[str, Any]:
+        """Krum's choice, once; the one that stands (a racer's, if it was first)."""
+        self.store.create(selection_key(self.job, r), json_to_bytes(doc))
+        return self.selection(r) or doc
 
     # --- the tree ------------------------------------------------------------------------------
 

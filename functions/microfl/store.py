@@ -57,6 +57,15 @@ class ObjectStore(ABC):
         """Whether key holds an object (the backends answer without reading it)."""
         return self.read(key) is not None
 
+    def read_range(self, key: str, start: int, length: int) -> bytes | None:
+        """Bytes [start, start + length) of the object, fewer where it ends first (b"" past its
+        end), or None if there is no such object. The backends read only those bytes: how a
+        coordinate shard reads its slice of every update (microfl.shards)."""
+        if start < 0 or length < 0:
+            raise ValueError(f"a range needs start >= 0 and length >= 0, not {start}, {length}")
+        data = self.read(key)
+        return None if data is None else data[start : start + length]
+
     def create_from_file(self, key: str, file: IO[bytes]) -> bool:
         """create() with the bytes of a binary file from its start; the backends stream them."""
         file.seek(0)
@@ -120,6 +129,29 @@ class FileStore(ObjectStore):
             return None
         except OSError as exc:
             raise StorageUnavailable(f"file store {self.root}: {exc}") from exc
+
+    def read_range(self, key: str, start: int, length: int) -> bytes | None:
+        if start < 0 or length < 0:
+            raise ValueError(f"a range needs start >= 0 and length >= 0, not {start}, {length}")
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageUnavailable(f"file store {self.root}: {exc}") from exc
+        try:
+            parts, position, end = [], start, start + length
+            while position < end:  # pread may return less than asked before the end
+                part = os.pread(fd, end - position, position)
+                if not part:
+                    break
+                parts.append(part)
+                position += len(part)
+            return b"".join(parts)
+        except OSError as exc:
+            raise StorageUnavailable(f"file store {self.root}: {exc}") from exc
+        finally:
+            os.close(fd)
 
     def exists(self, key: str) -> bool:
         try:
@@ -258,6 +290,31 @@ class GcsStore(ObjectStore):
             return bytes(data)
         except NotFound:
             return None
+
+    def read_range(self, key: str, start: int, length: int) -> bytes | None:
+        """One ranged GET (`end` is inclusive there); a range past the object's end (416) is
+        b"", as a short file read is."""
+        from google.api_core.exceptions import NotFound, RequestRangeNotSatisfiable
+
+        if start < 0 or length < 0:
+            raise ValueError(f"a range needs start >= 0 and length >= 0, not {start}, {length}")
+        blob = self.bucket.blob(self.prefix + key)
+        if length == 0:
+            return b"" if self.exists(key) else None
+
+        def download() -> bytes:
+            try:
+                return bytes(blob.download_as_bytes(start=start, end=start + length - 1))
+            except RequestRangeNotSatisfiable:
+                return b""
+
+        try:
+            data: bytes = self._call(f"read {key}", download)
+        except NotFound:
+            return None
+        if data == b"" and not self.exists(key):  # a 416 says nothing of whether it exists
+            return None
+        return data
 
     def exists(self, key: str) -> bool:
         """A metadata request: the object's bytes are not downloaded."""

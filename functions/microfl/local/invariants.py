@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from microfl import shards
 from microfl.jobs import load_job, model_key, validate_update
-from microfl.rounds import Rounds, update_key
+from microfl.rounds import Rounds, Seal, update_key
 from microfl.serde import partial_from_safetensors, tensors_from_safetensors
 from microfl.store import ObjectStore
 
@@ -79,6 +80,8 @@ def _tree_problems(rounds: Rounds, r: int, record: dict) -> list[str]:
     seal = rounds.seal(r)
     if seal is None:
         return ["committed without a seal"]
+    if rounds.spec.sharded:
+        return _shard_problems(rounds, seal, record)
     sizes = seal.tree.sizes
     folded: Counter[str] = Counter()
     members: Counter[str] = Counter()
@@ -101,6 +104,26 @@ def _tree_problems(rounds: Rounds, r: int, record: dict) -> list[str]:
         set(folded) != set(record["included"]) or examples != record.get("examples", examples)
     ):
         problems.append("the leaves' folded updates are not the record's included")
+    return problems
+
+
+def _shard_problems(rounds: Rounds, seal: Seal, record: dict) -> list[str]:
+    """Every level-0 shard counted the seal's clients, each once, and left out the same ones for
+    the same reasons; what they counted is the record's `included`."""
+    r, lay = seal.round, shards.layout(rounds.spec, seal)
+    metas = []
+    for j in range(lay.count):
+        try:
+            metas.append(shards.read_node(rounds, r, 0, j)[1])
+        except ValueError as exc:
+            return [str(exc)]
+    problems = [f"shard {j} counted other updates than shard 0" for j, m in enumerate(metas)
+                if m != metas[0]]
+    members = [c for c, _ in metas[0].examples] + [c for c, _ in metas[0].excluded]
+    if sorted(members) != sorted(seal.clients):
+        problems.append(f"shards hold {sorted(members)}, the seal {sorted(seal.clients)}")
+    if record["included"] and sorted(c for c, _ in metas[0].examples) != record["included"]:
+        problems.append("the shards' counted updates are not the record's included")
     return problems
 
 
