@@ -178,8 +178,8 @@ def test_limits_are_refused() -> None:
     for w in (0, -1, 10**6 + 1, 1.5):
         with pytest.raises(ValueError, match="weight"):
             acc.fold(u, w)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="dtypes"):
-        acc.fold({k: v.astype(np.float64) for k, v in u.items()}, 1)
+    with pytest.raises(ValueError, match="dtypes"):  # float64 is taken (clipped updates)
+        acc.fold({k: v.astype(np.float16) for k, v in u.items()}, 1)
     acc.count = MAX_UPDATES
     with pytest.raises(OverflowError):
         acc.fold(u, 1)
@@ -205,3 +205,19 @@ def test_worst_case_magnitudes_do_not_overflow() -> None:
     mean = acc.finish(10**12 * 2**21)["x"]
     np.testing.assert_allclose(mean, [lim, -lim, lim], rtol=1e-15, atol=0)
     assert acc.hi["x"][0] > 2**61 and acc.hi["x"][1] < -(2**61)  # near 2**63, not wrapped
+
+
+def test_float64_updates_of_float32_tensors_sum_like_their_values() -> None:
+    """Clipped updates reach the sum in float64 (privacy.clip_update): a float32 tensor takes
+    them, and float32 values given as float64 give the same bytes; integer tensors do not."""
+    rng = np.random.default_rng(7)
+    base = make_base(rng)
+    updates = make_updates(rng, 5)
+    narrow, wide = ExactSum(base), ExactSum(base)
+    narrow.fold_many(updates, [3, 1, 4, 1, 5])
+    wide.fold_many([{k: v.astype(np.float64) for k, v in u.items()} for u in updates],
+                   [3, 1, 4, 1, 5])
+    assert all(np.array_equal(a, wide.to_arrays()[k]) for k, a in narrow.to_arrays().items())
+    ints = ExactSum({"n": np.array([1, 2], np.int64)})
+    with pytest.raises(ValueError, match="dtypes differ"):
+        ints.fold({"n": np.array([1.0, 2.0])}, 1)

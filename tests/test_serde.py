@@ -21,10 +21,13 @@ from microfl.serde import (
     DTYPES,
     Event,
     KafkaRecord,
+    PartialMeta,
     event_from_http,
     event_from_kafka,
     event_to_http,
     event_to_kafka,
+    partial_from_safetensors,
+    partial_to_safetensors,
     tensors_from_safetensors,
     tensors_to_safetensors,
 )
@@ -472,3 +475,21 @@ ESCAPING_EVENTS = {
 def test_hostile_event_bodies_are_poison_events(decode) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PoisonEvent):
         decode()
+
+
+# --- partial sums ------------------------------------------------------------------------------
+
+
+def test_partial_meta_carries_the_unclipped_count_and_reads_older_partials() -> None:
+    arrays = {"hi/w": np.zeros(2, np.int64), "lo/w": np.ones(2, np.int64)}
+    meta = PartialMeta((("a", 3), ("b", 4)), (("c", "missing"),), unclipped=1)
+    assert partial_from_safetensors(partial_to_safetensors(arrays, meta))[1] == meta
+    assert (meta + PartialMeta((("d", 1),), (), 1)).unclipped == 2
+    # a partial written before the field existed: no "unclipped" in its __metadata__
+    tensors, header = tensors_from_safetensors(partial_to_safetensors(arrays, meta))
+    del header["unclipped"]
+    older = partial_from_safetensors(tensors_to_safetensors(tensors, header))[1]
+    assert older == PartialMeta(meta.examples, meta.excluded, 0)
+    header["unclipped"] = "3"  # more than the partial holds: corruption
+    with pytest.raises(ValueError, match="unclipped"):
+        partial_from_safetensors(tensors_to_safetensors(tensors, header))

@@ -17,7 +17,8 @@ from microfl.backends import Backends
 from microfl.errors import JobNotFound, MicroFLError, PoisonEvent, Unavailable
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
-from microfl.jobs import JobSpec, check_model, load_job, validate_update
+from microfl.jobs import JobSpec, check_model, load_job, optimizer_key, validate_update
+from microfl.privacy import DP, clip_update, fold_weight, round_clip
 from microfl.rounds import Rounds, Seal, branch
 from microfl.serde import (
     Event,
@@ -63,7 +64,8 @@ def build_node(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
         base = _base(rounds, spec, r)
         acc = ExactSum(base, max_weight=spec.max_examples)
         if level == 0:
-            meta = fold_updates(acc, spec, _read_members(rounds, r, _leaf_members(rounds, r, j)))
+            members = _read_members(rounds, r, _leaf_members(rounds, r, j))
+            meta = fold_updates(acc, spec, members, base, _clip_bound(b, spec, r))
         else:
             meta = _merge_children(rounds, acc, base, r, level, j)
         rounds.create_node(r, level, j, partial_to_safetensors(acc.to_arrays(), meta))
@@ -72,12 +74,21 @@ def build_node(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
 
 
 def fold_updates(
-    acc: ExactSum, spec: JobSpec, members: Sequence[tuple[str, bytes | None]]
+    acc: ExactSum,
+    spec: JobSpec,
+    members: Sequence[tuple[str, bytes | None]],
+    base: Mapping[str, np.ndarray] | None = None,
+    clip: float | None = None,
 ) -> PartialMeta:
     """The partial-sum step, pure: (client, stored bytes or None) in position order folded into
-    acc, GROUP at a time; what went in and what was left out, and why."""
+    acc, GROUP at a time; what went in and what was left out, and why. With a clip bound each
+    update's delta from the base is clipped first (privacy.clip_update: a function of the
+    update and the base alone, so the sum stays order-independent)."""
+    if clip is not None and base is None:
+        raise ValueError("clipping needs the round's base model")
     examples: list[tuple[str, int]] = []
     excluded: list[tuple[str, str]] = []
+    unclipped = 0
     for start in range(0, len(members), GROUP):
         loaded: list[tuple[str, Mapping[str, np.ndarray], int]] = []
         for client, data in members[start : start + GROUP]:
@@ -91,14 +102,29 @@ def fold_updates(
                 excluded.append((client, f"stored update is invalid: {exc}"))
                 continue
             loaded.append((client, tensors, n))
-        refused = dict(acc.fold_many([t for _, t, _ in loaded], [n for _, _, n in loaded]))
+        within = [False] * len(loaded)
+        if clip is not None and base is not None:
+            for i, (client, update, n) in enumerate(loaded):
+                clipped, within[i] = clip_update(update, base, clip, spec.strategy == DP)
+                loaded[i] = (client, clipped, n)
+        weights = [fold_weight(spec.strategy, n) for _, _, n in loaded]
+        refused = dict(acc.fold_many([t for _, t, _ in loaded], weights))
         for i, (client, _, n) in enumerate(loaded):
             if i in refused:
                 excluded.append((client, f"stored update is invalid: {refused[i]}"))
             else:
                 examples.append((client, n))
+                unclipped += within[i]
         failpoint("aggregate.mid_fold")
-    return PartialMeta(tuple(examples), tuple(excluded))
+    return PartialMeta(tuple(examples), tuple(excluded), unclipped)
+
+
+def _clip_bound(b: Backends, spec: JobSpec, r: int) -> float | None:
+    """Round r's clip bound (None: the strategy does not clip): the `clip` option, or under
+    adaptive clipping the bound finalize stored beside model r-1, before writing it."""
+    options = spec.options
+    saved = b.store.read(optimizer_key(spec.job, r - 1)) if spec.strategy == DP else None
+    return round_clip(options, tensors_from_safetensors(saved)[0] if saved else None)
 
 
 def _base(rounds: Rounds, spec: JobSpec, r: int) -> dict[str, np.ndarray]:
@@ -174,9 +200,10 @@ def _merge_children(
                 f"{level} is requested again once it exists"
             )
         arrays, part = partial_from_safetensors(data)
+        weight = sum(fold_weight(rounds.spec.strategy, n) for _, n in part.examples)
         acc.merge(
             ExactSum.from_arrays(
-                base, arrays, len(part.examples), part.weight, max_weight=acc.max_weight
+                base, arrays, len(part.examples), weight, max_weight=acc.max_weight
             )
         )
         meta += part

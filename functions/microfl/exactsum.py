@@ -184,7 +184,7 @@ class ExactSum:
             raise OverflowError(f"an exact sum holds at most {MAX_UPDATES} updates")
         for u in updates:
             if set(u) != set(self.shapes) or any(
-                u[n].shape != s or u[n].dtype != self.dtypes[n] for n, s in self.shapes.items()
+                u[n].shape != s or not self._takes(n, u[n].dtype) for n, s in self.shapes.items()
             ):
                 raise ValueError("update tensors' names, shapes or dtypes differ from the base's")
         refused: dict[int, ValueOutOfRange] = {}
@@ -209,6 +209,12 @@ class ExactSum:
                 self.count += 1
                 self.weight += int(weights[k])
         return sorted(refused.items())
+
+    def _takes(self, name: str, dtype: np.dtype) -> bool:
+        """The base's dtype, or float64 for a floating tensor (clipped updates are float64, so
+        rounding them back cannot push them past the clip bound)."""
+        base = self.dtypes[name]
+        return dtype == base or (base.kind == "f" and dtype == np.float64)
 
     def _undo(
         self, update: Mapping[str, np.ndarray], weight: int, done: list[str], name: str, stop: int

@@ -19,6 +19,7 @@ from microfl.errors import JobNotFound, PoisonEvent
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
 from microfl.jobs import JobSpec, check_model, load_job, model_key, optimizer_key
+from microfl.privacy import DP, DpState, fold_weight, noise_key, privacy_record, release
 from microfl.rounds import Rounds, Seal, branch
 from microfl.serde import (
     Event,
@@ -257,9 +258,10 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
             if data is None:
                 return False
             arrays, part = partial_from_safetensors(data)
+            folded = sum(fold_weight(spec.strategy, n) for _, n in part.examples)
             total.merge(
                 ExactSum.from_arrays(
-                    current, arrays, len(part.examples), part.weight, max_weight=spec.max_examples
+                    current, arrays, len(part.examples), folded, max_weight=spec.max_examples
                 )
             )
             meta += part
@@ -268,8 +270,8 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
         excluded = [{"client": c, "reason": why} for c, why in meta.excluded]
         late = sorted(set(rounds.update_clients(r)) - set(sealed.clients))
         excluded += [{"client": c, "reason": f"arrived after round {r} was sealed"} for c in late]
-        weight = meta.weight
-        if weight > 0 and not _write_model(b, spec, r, current, total.finish(weight)):
+        weight = meta.weight  # the examples clients claimed; the sum's weight is total.weight
+        if weight > 0 and not _write_model(b, spec, r, current, total.finish(total.weight), meta):
             why = (
                 f"the aggregate of round {r} is not finite (NaN or Inf after the "
                 f"{spec.strategy} update); round {r} keeps model {r - 1}"
@@ -290,6 +292,7 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
             "sealed_reason": sealed.reason,
             "strategy": spec.strategy,
             "committed_at": b.clock(),
+            **_clip_notes(b, spec, r, meta),
         }
         announce = rounds.create_record(r, record) or announce
         failpoint("finalize.after_record")
@@ -306,19 +309,28 @@ def _model(rounds: Rounds, version: int) -> bytes:
 
 
 def _write_model(
-    b: Backends, spec: JobSpec, r: int, current: dict[str, np.ndarray], mean: dict
+    b: Backends,
+    spec: JobSpec,
+    r: int,
+    current: dict[str, np.ndarray],
+    mean: dict,
+    meta: PartialMeta,
 ) -> bool:
     """Write model r (and its optimiser state) from the round's mean; False, writing nothing,
     when the mean, the next model or its state holds NaN or Inf (invariant 8: never commit
-    one). Deterministic, so every retry decides alike."""
+    one). Deterministic, so every retry decides alike: dp-fedavg's noise is keyed, not random."""
     job = spec.job
-    state = None
-    if spec.strategy != "fedavg" and r > 1:
-        saved = b.store.read(optimizer_key(job, r - 1))
-        state = tensors_from_safetensors(saved)[0] if saved else None
+    state = _state(b, spec, r - 1) if spec.strategy != "fedavg" and r > 1 else None
     strategy = make_strategy(spec.strategy, spec.strategy_options)
+    new_state: dict[str, np.ndarray] | None
     with np.errstate(all="ignore"):  # overflow is judged below, not warned about
-        model, new_state = strategy.server_update(current, mean, state)
+        if spec.strategy == DP:  # the noised mean, then FedAvg's update; the state is DpState
+            before = DpState.from_tensors(spec.options, state)
+            after = release(mean, current, len(meta.examples), meta.unclipped, before,
+                            spec.options, spec.min_clients, noise_key(b.secret), job, r)
+            model, new_state = strategy.server_update(current, mean, None)[0], after.to_tensors()
+        else:
+            model, new_state = strategy.server_update(current, mean, state)
     if not all(_finite(t) for t in (mean, model, new_state or {})):
         return False
     if new_state is not None:  # state first: model r existing implies its state exists
@@ -326,6 +338,27 @@ def _write_model(
     b.store.create(model_key(job, r), tensors_to_safetensors(model))
     failpoint("finalize.after_model")
     return True
+
+
+def _state(b: Backends, spec: JobSpec, version: int) -> dict[str, np.ndarray] | None:
+    """The server state stored beside model `version` (FedAdam's moments, DpState), if any."""
+    saved = b.store.read(optimizer_key(spec.job, version))
+    return tensors_from_safetensors(saved)[0] if saved else None
+
+
+def _clip_notes(b: Backends, spec: JobSpec, r: int, meta: PartialMeta) -> dict[str, Any]:
+    """The record's `privacy` (dp-fedavg: from the states beside models r-1 and r, so a retry
+    writes the same) or `clip` (how many of the folded updates were clipped; under dp-fedavg
+    that count is private and not shown)."""
+    options = spec.options
+    if spec.strategy == DP:
+        before = DpState.from_tensors(options, _state(b, spec, r - 1) if r > 1 else None)
+        after = DpState.from_tensors(options, _state(b, spec, r))
+        return {"privacy": privacy_record(options, spec.min_clients, before, after)}
+    if "clip" in options:
+        clipped = len(meta.examples) - meta.unclipped
+        return {"clip": {"bound": options["clip"], "clipped": clipped}}
+    return {}
 
 
 def _finite(tensors: dict) -> bool:

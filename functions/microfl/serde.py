@@ -284,17 +284,23 @@ PARTIAL_FORMAT = "microfl.exactsum.v1"
 @dataclass(frozen=True)
 class PartialMeta:
     """What a node of the aggregation tree sums: the updates folded (client, num_examples) and
-    those left out (client, reason), in position order."""
+    those left out (client, reason), in position order, and how many of those folded were
+    within the round's clip bound (0 when the strategy does not clip)."""
 
     examples: tuple[tuple[str, int], ...] = ()
     excluded: tuple[tuple[str, str], ...] = ()
+    unclipped: int = 0
 
     @property
     def weight(self) -> int:
         return sum(n for _, n in self.examples)
 
     def __add__(self, other: PartialMeta) -> PartialMeta:
-        return PartialMeta(self.examples + other.examples, self.excluded + other.excluded)
+        return PartialMeta(
+            self.examples + other.examples,
+            self.excluded + other.excluded,
+            self.unclipped + other.unclipped,
+        )
 
 
 def partial_to_safetensors(arrays: Mapping[str, np.ndarray], meta: PartialMeta) -> bytes:
@@ -306,6 +312,7 @@ def partial_to_safetensors(arrays: Mapping[str, np.ndarray], meta: PartialMeta) 
             "examples": json.dumps([list(e) for e in meta.examples], separators=(",", ":")),
             "excluded": json.dumps([list(e) for e in meta.excluded], separators=(",", ":")),
             "num_examples": str(meta.weight),
+            "unclipped": str(meta.unclipped),
         },
     )
 
@@ -318,9 +325,11 @@ def partial_from_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], Partia
         raise ValueError(f"not a partial sum of format {PARTIAL_FORMAT}")
     examples = tuple((str(c), int(n)) for c, n in json.loads(metadata["examples"]))
     excluded = tuple((str(c), str(why)) for c, why in json.loads(metadata["excluded"]))
-    meta = PartialMeta(examples, excluded)
+    meta = PartialMeta(examples, excluded, int(metadata.get("unclipped", "0")))  # older: none
     if meta.weight != int(metadata["num_examples"]):
         raise ValueError("a partial sum's num_examples is not the sum of its examples")
+    if not 0 <= meta.unclipped <= len(examples):
+        raise ValueError("a partial sum counts more unclipped updates than it holds")
     return tensors, meta
 
 
