@@ -120,7 +120,7 @@ def test_robustness_plan_runs_every_defence_against_each_attack() -> None:
         (d, a) for d in ("fedavg", "median", "trimmed-mean", "krum", "clip") for a in ATTACKS
     }
     by = {r.defence: r for r in attacked if r.attack == "scale"}
-    assert by["krum"].options == {"f": 4, "m": 12}
+    assert by["krum"].options == {"f": 4, "m": 16}
     assert by["trimmed-mean"].options == {"beta": 0.2}
     assert by["clip"].options == {"clip": CLIP} and by["clip"].strategy == "fedavg"
     assert all(r.strategy == "dp-fedavg" and r.attack is None for r in runs[1 + len(attacked):])

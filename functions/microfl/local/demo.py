@@ -187,8 +187,8 @@ def train_on(
     print(
         f"job {job}: {config.clients} clients in {config.processes} processes, shards of "
         f"{sizes[0]}..{sizes[-1]} examples (Dirichlet alpha {config.alpha}), MLP 64-64-10, "
-        f"{config.rounds} rounds x {config.epochs} local epochs; strategy {spec.strategy}"
-        f"{spec.options or ''}"
+        f"{config.rounds} rounds x {config.epochs} local epochs; strategy {spec.strategy} "
+        f"{spec.options if spec.options else ''}"
         + describe(config.attack, config.clients, config.byzantine, config.boost),
         flush=True,
     )
