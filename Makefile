@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test check lint bench chaos-report up down status clean
+.PHONY: setup demo test check lint bench chaos-report robustness up down status clean
 
 $(BIN)/.installed: pyproject.toml
 	@command -v java >/dev/null && command -v mvn >/dev/null || \
@@ -45,6 +45,11 @@ bench: setup
 
 chaos-report: setup
 	$(BIN)/microfl chaos all --report load/results/chaos-report.md
+
+# Clean FedAvg vs Byzantine clients vs the robust strategies (and dp-fedavg) on the demo, all on
+# one local platform: load/results/robustness/{robustness.md,accuracy.png,results.json}.
+robustness: setup
+	$(BIN)/microfl robustness --report load/results/robustness
 
 up: setup
 	$(BIN)/microfl up --detach

@@ -11,25 +11,22 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-
 from microfl import events, shards, versions
 from microfl.backends import Backends
 from microfl.buffers import Buffers
 from microfl.errors import JobNotFound, PoisonEvent
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
-from microfl.jobs import JobSpec, check_model, load_job, model_key, optimizer_key
-from microfl.privacy import DP, DpState, fold_weight, noise_key, privacy_record, release
+from microfl.jobs import JobSpec, check_model, load_job, model_key
+from microfl.models import carry_over, clip_notes, write_model
+from microfl.privacy import fold_weight
 from microfl.rounds import Rounds, Seal, branch
 from microfl.serde import (
     Event,
     PartialMeta,
     partial_from_safetensors,
     tensors_from_safetensors,
-    tensors_to_safetensors,
 )
-from microfl.strategy import make_strategy
 
 __all__ = ["RESEND_AFTER", "SWEEP_TRIGGER", "client_trigger", "commit", "handle", "seal", "sweep"]
 
@@ -297,7 +294,8 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
         late = sorted(set(rounds.update_clients(r)) - set(sealed.clients))
         excluded += [{"client": c, "reason": f"arrived after round {r} was sealed"} for c in late]
         weight = meta.weight  # the examples clients claimed; the sum's weight is total.weight
-        if weight > 0 and not _write_model(b, spec, r, current, total.finish(total.weight), meta):
+        mean = total.finish(total.weight)
+        if weight > 0 and not write_model(b.store, spec, r, current, mean, meta, b.secret):
             why = (
                 f"the aggregate of round {r} is not finite (NaN or Inf after the "
                 f"{spec.strategy} update); round {r} keeps model {r - 1}"
@@ -305,7 +303,7 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
             excluded += [{"client": c, "reason": why} for c in sorted(examples)]
             examples, weight = {}, 0
         if weight == 0:  # nothing usable: the model and its optimiser state carry over
-            _carry_over(b, spec, r)
+            carry_over(b.store, job, r, _model(rounds, r - 1))
         record: dict[str, Any] = {
             "job": job,
             "round": r,
@@ -318,7 +316,7 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
             "sealed_reason": sealed.reason,
             "strategy": spec.strategy,
             "committed_at": b.clock(),
-            **_clip_notes(b, spec, r, meta),
+            **clip_notes(b.store, spec, r, meta),
         }
         announce = rounds.create_record(r, record) or announce
         failpoint("finalize.after_record")
@@ -347,74 +345,6 @@ def _model(rounds: Rounds, version: int) -> bytes:
     if data is None:
         raise JobNotFound(f"job {rounds.job!r} has no model version {version}")
     return data
-
-
-def _write_model(
-    b: Backends,
-    spec: JobSpec,
-    r: int,
-    current: dict[str, np.ndarray],
-    mean: dict,
-    meta: PartialMeta,
-) -> bool:
-    """Write model r (and its optimiser state) from the round's mean; False, writing nothing,
-    when the mean, the next model or its state holds NaN or Inf (invariant 8: never commit
-    one). Deterministic, so every retry decides alike: dp-fedavg's noise is keyed, not random."""
-    job = spec.job
-    state = _state(b, spec, r - 1) if spec.strategy != "fedavg" and r > 1 else None
-    strategy = make_strategy(spec.strategy, spec.strategy_options)
-    new_state: dict[str, np.ndarray] | None
-    with np.errstate(all="ignore"):  # overflow is judged below, not warned about
-        if spec.strategy == DP:  # the noised mean, then FedAvg's update; the state is DpState
-            before = DpState.from_tensors(spec.options, state)
-            after = release(mean, current, len(meta.examples), meta.unclipped, before,
-                            spec.options, spec.min_clients, noise_key(b.secret), job, r)
-            model, new_state = strategy.server_update(current, mean, None)[0], after.to_tensors()
-        else:
-            model, new_state = strategy.server_update(current, mean, state)
-    if not all(_finite(t) for t in (mean, model, new_state or {})):
-        return False
-    if new_state is not None:  # state first: model r existing implies its state exists
-        b.store.create(optimizer_key(job, r), tensors_to_safetensors(new_state))
-    b.store.create(model_key(job, r), tensors_to_safetensors(model))
-    failpoint("finalize.after_model")
-    return True
-
-
-def _state(b: Backends, spec: JobSpec, version: int) -> dict[str, np.ndarray] | None:
-    """The server state stored beside model `version` (FedAdam's moments, DpState), if any."""
-    saved = b.store.read(optimizer_key(spec.job, version))
-    return tensors_from_safetensors(saved)[0] if saved else None
-
-
-def _clip_notes(b: Backends, spec: JobSpec, r: int, meta: PartialMeta) -> dict[str, Any]:
-    """The record's `privacy` (dp-fedavg: from the states beside models r-1 and r, so a retry
-    writes the same) or `clip` (how many of the folded updates were clipped; under dp-fedavg
-    that count is private and not shown)."""
-    options = spec.options
-    if spec.strategy == DP:
-        before = DpState.from_tensors(options, _state(b, spec, r - 1) if r > 1 else None)
-        after = DpState.from_tensors(options, _state(b, spec, r))
-        return {"privacy": privacy_record(options, spec.min_clients, before, after)}
-    if "clip" in options:
-        clipped = len(meta.examples) - meta.unclipped
-        return {"clip": {"bound": options["clip"], "clipped": clipped}}
-    return {}
-
-
-def _finite(tensors: dict) -> bool:
-    return all(np.isfinite(a).all() for a in tensors.values() if a.dtype.kind == "f")
-
-
-def _carry_over(b: Backends, spec: JobSpec, r: int) -> None:
-    """Model r is model r-1, and the optimiser state after r-1 (FedAdam's moments) becomes the
-    state after r, so a round without a usable update resets nothing. State first, as in
-    _write_model: model r existing implies its state exists."""
-    job = spec.job
-    state = b.store.read(optimizer_key(job, r - 1))
-    if state is not None:
-        b.store.create(optimizer_key(job, r), state)
-    b.store.create(model_key(job, r), _model(Rounds(b.store, spec), r - 1))
 
 
 def sweep(b: Backends) -> None:

@@ -15,15 +15,14 @@ import numpy as np
 from microfl.buffers import grid_base, parse_update_id, staleness_weight
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
-from microfl.jobs import check_model, model_key, optimizer_key
+from microfl.jobs import check_model
+from microfl.models import carry_over, write_model
 from microfl.rounds import Rounds, Seal
 from microfl.serde import (
     PartialMeta,
     partial_from_safetensors,
     tensors_from_safetensors,
-    tensors_to_safetensors,
 )
-from microfl.strategy import make_strategy
 
 __all__ = ["commit"]
 
@@ -62,42 +61,15 @@ def commit(rounds: Rounds, r: int, now: float) -> bool | None:
     current = tensors_from_safetensors(check_model(spec, r - 1, previous))[0]
     excluded = list(meta.excluded)
     examples = dict(meta.examples)
-    if examples and not _write_model(rounds, r, current, total):
+    delta = total.finish(total.weight) if examples else {}
+    mean = {k: current[k].astype(np.float64) + d for k, d in delta.items()}
+    if examples and not write_model(rounds.store, spec, r, current, mean):
         why = f"the aggregate of version {r} is not finite; version {r} keeps model {r - 1}"
         excluded += [(uid, why) for uid in sorted(examples)]
         examples = {}
     if not examples:  # nothing usable: the model and its optimiser state carry over
-        _carry_over(rounds, r, previous)
+        carry_over(rounds.store, rounds.job, r, previous)
     return rounds.create_record(r, _record(rounds, sealed, examples, excluded, meta, now))
-
-
-def _write_model(rounds: Rounds, r: int, current: dict[str, np.ndarray], total: ExactSum) -> bool:
-    """Model r (and FedAdam's state, first) from model r-1 and the buffer's weighted deltas;
-    False, writing nothing, if anything is not finite (invariant 8)."""
-    spec, store, job = rounds.spec, rounds.store, rounds.job
-    delta = total.finish(total.weight)
-    mean = {k: current[k].astype(np.float64) + delta[k] for k in current}
-    saved = store.read(optimizer_key(job, r - 1)) if spec.strategy != "fedavg" else None
-    state = tensors_from_safetensors(saved)[0] if saved else None
-    with np.errstate(all="ignore"):  # overflow is judged below, not warned about
-        model, new_state = make_strategy(spec.strategy, spec.strategy_options).server_update(
-            current, mean, state
-        )
-    finite = [mean, model, new_state or {}]
-    if not all(np.isfinite(a).all() for t in finite for a in t.values() if a.dtype.kind == "f"):
-        return False
-    if new_state is not None:  # state first: model r existing implies its state exists
-        store.create(optimizer_key(job, r), tensors_to_safetensors(new_state))
-    store.create(model_key(job, r), tensors_to_safetensors(model))
-    failpoint("finalize.after_model")
-    return True
-
-
-def _carry_over(rounds: Rounds, r: int, previous: bytes) -> None:
-    state = rounds.store.read(optimizer_key(rounds.job, r - 1))
-    if state is not None:
-        rounds.store.create(optimizer_key(rounds.job, r), state)
-    rounds.store.create(model_key(rounds.job, r), previous)
 
 
 def _record(

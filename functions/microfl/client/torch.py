@@ -8,7 +8,7 @@ when the data are non-IID."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from microfl.client import Client
 
 __all__ = [
     "StaleModel",
+    "Tamper",
     "TorchClient",
     "evaluate",
     "load_into_module",
@@ -153,6 +154,12 @@ def mlp(inputs: int = 64, hidden: int = 64, classes: int = 10) -> torch.nn.Seque
     )
 
 
+# (round's global model, trained tensors, num_examples) -> (tensors, num_examples) to post.
+Tamper = Callable[
+    [Mapping[str, np.ndarray], Mapping[str, np.ndarray], int], tuple[dict[str, np.ndarray], int]
+]
+
+
 @dataclass
 class TorchClient:
     """One FL participant: a microfl Client (HTTP, retries) and the module it trains."""
@@ -169,9 +176,12 @@ class TorchClient:
         prox_mu: float = 0.0,
         seed: int = 0,
         batch_size: int = 32,
+        tamper: Tamper | None = None,
     ) -> dict[str, Any]:
         """Train the open round on the global model and post the update; the server's answer
-        with "round" and the local "loss". Raises StaleModel if the model is not version r-1."""
+        with "round" and the local "loss". Raises StaleModel if the model is not version r-1.
+        `tamper` (experiments only: microfl.local.byzantine) maps (global model, trained tensors,
+        num_examples) to what is posted instead."""
         tensors, version = self.client.model()
         r = self.client.job_info()["open_round"]
         if r is None or version != r - 1:
@@ -190,5 +200,8 @@ class TorchClient:
             prox_mu=prox_mu,
             seed=seed,
         )
-        answer = self.client.post_update(r, tensors_from_module(self.module), len(y))
+        update, num_examples = tensors_from_module(self.module), len(y)
+        if tamper is not None:
+            update, num_examples = tamper(tensors, update, num_examples)
+        answer = self.client.post_update(r, update, num_examples)
         return {**answer, "round": r, "loss": loss}

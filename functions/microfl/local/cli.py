@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from microfl.errors import MicroFLError
-from microfl.local.jobargs import add_async_arguments, async_options
+from microfl.local.jobargs import add_async_arguments, add_strategy_arguments, async_options
 from microfl.local.jobargs import strategy_options as _strategy_options
 
 if TYPE_CHECKING:  # the chaos module needs the local extra; imported where it runs
@@ -158,20 +158,6 @@ def cmd_job_create(args: argparse.Namespace) -> int:
         + ("" if created else " (made earlier with this model and options; nothing changed)")
     )
     return 0
-
-
-def _add_strategy_arguments(p: argparse.ArgumentParser) -> None:
-    from microfl.strategy import OPTIONS
-
-    p.add_argument("--strategy", choices=tuple(OPTIONS), default="fedavg")
-    p.add_argument(
-        "--strategy-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a strategy option, repeatable: "
-        + "; ".join(f"{n}: {', '.join(o) or '-'}" for n, o in OPTIONS.items()),
-    )
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
@@ -359,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds after which a round seals with what it has",
     )
-    _add_strategy_arguments(p)
+    add_strategy_arguments(p)
     add_async_arguments(p)
     p.add_argument(
         "--memory-budget",
@@ -410,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--report", type=Path, help="write the Markdown report here")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
-    _add_strategy_arguments(p)
+    add_strategy_arguments(p)
     p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser("demo", help="run a real federated training run on the local platform")
@@ -418,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("robustness", help="strategies vs Byzantine clients on the demo")
+    from microfl.local import robustness
+
+    robustness.add_arguments(p)  # sets func
     return parser
 
 

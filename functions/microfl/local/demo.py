@@ -3,11 +3,14 @@
 Simulated clients, in a few worker processes, hold non-IID shards (Dirichlet) of scikit-learn's
 bundled digits data set and train a small torch MLP locally; they talk to ingest over HTTP only,
 and every global model is committed by the serverless pipeline (Kafka events, object storage).
-`--chaos` SIGKILLs every function and restarts the Kafka broker during the run."""
+`--chaos` SIGKILLs every function and restarts the Kafka broker during the run; `--attack` makes
+the first `--byzantine` fraction of the clients Byzantine (microfl.local.byzantine) against the
+job's `--strategy`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -20,8 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from microfl.client import Client
+from microfl.local.byzantine import (
+    DEFAULT_BOOST,
+    Attack,
+    add_attack_arguments,
+    byzantine_clients,
+    describe,
+)
+from microfl.local.jobargs import add_strategy_arguments, strategy_options
 
-__all__ = ["DemoConfig", "DemoResult", "add_arguments", "run", "run_demo"]
+__all__ = [
+    "DemoConfig",
+    "DemoResult",
+    "add_arguments",
+    "client_pool",
+    "run",
+    "run_demo",
+    "train_on",
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,12 @@ class DemoConfig:
     chaos: bool = False
     bus: str = "kafka"
     report: Path | None = None
+    strategy: str = "fedavg"
+    strategy_options: dict[str, float] = field(default_factory=dict)
+    attack: str | None = None
+    byzantine: float = 0.2
+    boost: float = DEFAULT_BOOST
+    baseline: bool = True  # also train the model centrally on the pooled data, for comparison
 
 
 @dataclass
@@ -80,54 +105,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="event transport of the demo's platform: Kafka or the Pub/Sub emulator",
     )
     p.add_argument("--report", type=Path, help="report folder (default .microfl/demo/JOB)")
+    add_strategy_arguments(p)
+    add_attack_arguments(p, several=False)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    config = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
-    run(config)
+    given = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if hasattr(args, f.name)}
+    run(DemoConfig(**given | {"strategy_options": strategy_options(args.strategy_option)}))
     return 0
 
 
 def run(config: DemoConfig) -> DemoResult:
-    from microfl.local.platform import LocalPlatform, local_secret, read_state
+    from microfl.local.platform import read_state, session
 
-    secret = local_secret()
-    platform = None
-    state = read_state()
-    if state is not None and config.chaos:
+    if config.chaos and read_state() is not None:
         raise RuntimeError(
             "--chaos needs the demo's own platform; stop yours with `microfl down` first"
         )
-    if state is not None and state.get("bus", "kafka") != config.bus:
-        raise RuntimeError(
-            f"the running local platform uses {state.get('bus', 'kafka')}, not {config.bus}; "
-            "stop it with `microfl down` or leave out --bus"
-        )
-    t0 = time.monotonic()
-    if state is None:
-        transport = "Pub/Sub emulator" if config.bus == "pubsub" else "Kafka broker"
-        print(
-            f"starting the local platform ({transport}, file store, the three functions) ...",
-            flush=True,
-        )
-        platform = LocalPlatform(secret, ping_interval=2.0, bus=config.bus)
-        state = platform.start()
-        print(
-            f"  up in {time.monotonic() - t0:.1f}s; ingest at {state['ingest_url']}; "
-            f"logs in {state['logs']}",
-            flush=True,
-        )
-    else:
-        print(f"using the running local platform at {state['ingest_url']}", flush=True)
-    try:
-        return _train(config, state, secret, platform)
-    finally:
-        if platform is not None:
-            print("stopping the local platform ...", flush=True)
-            platform.stop()
+    with session(config.bus) as (state, secret, platform):
+        return train_on(config, state, secret, platform)
 
 
-def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any) -> DemoResult:
+def client_pool(config: DemoConfig) -> ProcessPoolExecutor:
+    """The clients' worker processes, spawned (each imports torch and deals the data once): jobs
+    with the same clients, alpha and seed can share them."""
+    return ProcessPoolExecutor(
+        config.processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(config.clients, config.alpha, config.seed),
+    )
+
+
+def train_on(
+    config: DemoConfig,
+    state: dict[str, Any],
+    secret: str,
+    platform: Any,
+    pool: ProcessPoolExecutor | None = None,
+) -> DemoResult:
+    """One demo job on a running platform (`platform` is needed for --chaos only; `pool` from
+    client_pool with the same clients, alpha and seed, else one made for this job)."""
     import torch
 
     from microfl.client.torch import (
@@ -155,6 +173,8 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
         rounds=config.rounds,
         min_clients=config.clients,
         round_timeout=600.0,
+        strategy=config.strategy,
+        strategy_options=config.strategy_options,
         fan_in=config.fan_in,
         created_at=time.time(),
     )
@@ -163,9 +183,13 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
     print(
         f"job {job}: {config.clients} clients in {config.processes} processes, shards of "
         f"{sizes[0]}..{sizes[-1]} examples (Dirichlet alpha {config.alpha}), MLP 64-64-10, "
-        f"{config.rounds} rounds x {config.epochs} local epochs",
+        f"{config.rounds} rounds x {config.epochs} local epochs; strategy {spec.strategy} "
+        f"{spec.options if spec.options else ''}"
+        + describe(config.attack, config.clients, config.byzantine, config.boost),
         flush=True,
     )
+    attackers = byzantine_clients(config.clients, config.byzantine) if config.attack else range(0)
+    attack = Attack(config.attack, config.boost, spec.max_examples) if config.attack else None
     tokens = [issue_token(secret.encode(), job, f"client-{i:03d}") for i in range(config.clients)]
     observer = Client(state["ingest_url"], job, issue_token(secret.encode(), job, admin=True))
     chaos = _Chaos(platform, config.rounds) if config.chaos else None
@@ -173,13 +197,7 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
     rows: list[dict[str, Any]] = []
     model = mlp()
     print(f"\n{'round':>5} {'accuracy':>9} {'loss':>7} {'updates':>8} {'time s':>7}", flush=True)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        config.processes,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(config.clients, config.alpha, config.seed),
-    ) as pool:
+    with contextlib.nullcontext(pool) if pool else client_pool(config) as pool:
         for r in range(1, config.rounds + 1):
             start = time.monotonic()
             if chaos is not None:
@@ -193,6 +211,7 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
                     i,
                     config,
                     config.seed * 1_000_003 + r * 1_009 + i,
+                    attack if i in attackers else None,
                 )
                 for i in range(config.clients)
             ]
@@ -223,22 +242,25 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
     if chaos is not None:
         chaos.stop()
 
-    torch.manual_seed(config.seed)
-    central = mlp()
-    train_local(
-        central,
-        x_pool,
-        y_pool,
-        epochs=config.epochs * config.rounds,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        seed=config.seed,
-    )
-    c_loss, c_acc = evaluate(central, x_test, y_test)
-    print(
-        f"centralised baseline (same model trained on the pooled data, "
-        f"{config.epochs * config.rounds} epochs): accuracy {c_acc:.3f}, loss {c_loss:.3f}"
-    )
+    centralised: dict[str, float] = {}
+    if config.baseline:
+        torch.manual_seed(config.seed)
+        central = mlp()
+        train_local(
+            central,
+            x_pool,
+            y_pool,
+            epochs=config.epochs * config.rounds,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
+        c_loss, c_acc = evaluate(central, x_test, y_test)
+        centralised = {"accuracy": c_acc, "loss": c_loss}
+        print(
+            f"centralised baseline (same model trained on the pooled data, "
+            f"{config.epochs * config.rounds} epochs): accuracy {c_acc:.3f}, loss {c_loss:.3f}"
+        )
 
     hashes = [
         hashlib.sha256(_model_bytes(observer, v)).hexdigest() for v in range(config.rounds + 1)
@@ -248,7 +270,7 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
     result = DemoResult(
         job,
         rows,
-        {"accuracy": c_acc, "loss": c_loss},
+        centralised,
         hashes,
         chaos.events if chaos else [],
         report,
@@ -268,7 +290,7 @@ def _train(config: DemoConfig, state: dict[str, Any], secret: str, platform: Any
     plot_accuracy(
         report / "accuracy.png",
         [row["accuracy"] for row in rows],
-        c_acc,
+        centralised.get("accuracy"),
         f"{config.clients} clients, digits, Dirichlet alpha {config.alpha}",
     )
     if chaos is not None:
@@ -297,7 +319,7 @@ def _init_worker(clients: int, alpha: float, seed: int) -> None:
 
 
 def _client_round(
-    url: str, job: str, token: str, i: int, config: DemoConfig, seed: int
+    url: str, job: str, token: str, i: int, config: DemoConfig, seed: int, attack: Attack | None
 ) -> dict[str, Any]:
     from microfl.client.torch import TorchClient, mlp
 
@@ -305,12 +327,13 @@ def _client_round(
     client = TorchClient(Client(url, job, token, retries=10), mlp())
     return client.run_round(
         x,
-        y,
+        y if attack is None else attack.labels(y),
         epochs=config.epochs,
         lr=config.lr,
         prox_mu=config.prox_mu,
         seed=seed,
         batch_size=config.batch_size,
+        tamper=attack,
     )
 
 

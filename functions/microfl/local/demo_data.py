@@ -44,7 +44,7 @@ def digits_shards(clients: int, alpha: float, seed: int) -> Shards:
     return shards, (x[test], y[test]), (x[train], y[train])
 
 
-def plot_accuracy(path: Path, accuracy: list[float], baseline: float, title: str) -> None:
+def plot_accuracy(path: Path, accuracy: list[float], baseline: float | None, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,7 +53,8 @@ def plot_accuracy(path: Path, accuracy: list[float], baseline: float, title: str
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     rounds = list(range(1, len(accuracy) + 1))
     ax.plot(rounds, accuracy, marker="o", label="Micro-FL global model")
-    ax.axhline(baseline, color="grey", linestyle="--", label="centralised baseline")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle="--", label="centralised baseline")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)

@@ -223,9 +223,7 @@ def _check_async(
     return verdict
 
 
-def _version_is_right(
-    store: ObjectStore, spec: JobSpec, r: int, record: dict, rtol: float
-) -> bool:
+def _version_is_right(store: ObjectStore, spec: JobSpec, r: int, record: dict, rtol: float) -> bool:
     def model(v: int) -> dict[str, np.ndarray]:
         return tensors_from_safetensors(store.read(model_key(spec.job, v)) or b"")[0]
 

@@ -1,12 +1,26 @@
-"""`microfl job create`'s job options that have no room in cli.py: strategy options and the
-asynchronous (FedBuff) mode."""
+"""The job options several `microfl` commands take (job create, demo, chaos): the strategy and
+its options, and the asynchronous (FedBuff) mode."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-__all__ = ["add_async_arguments", "async_options", "strategy_options"]
+__all__ = ["add_async_arguments", "add_strategy_arguments", "async_options", "strategy_options"]
+
+
+def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
+    from microfl.strategy import OPTIONS
+
+    p.add_argument("--strategy", choices=tuple(OPTIONS), default="fedavg")
+    p.add_argument(
+        "--strategy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a strategy option, repeatable: "
+        + "; ".join(f"{n}: {', '.join(o) or '-'}" for n, o in OPTIONS.items()),
+    )
 
 
 def strategy_options(pairs: list[str]) -> dict[str, float]:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "local_secret",
     "read_state",
     "saved_secret",
+    "session",
     "state_dir",
     "stop_recorded",
 ]
@@ -66,6 +68,42 @@ def local_secret() -> str:
         path.chmod(0o600)
         secret = path.read_text().strip()
     return secret
+
+
+@contextlib.contextmanager
+def session(bus: str = "kafka") -> Iterator[tuple[dict[str, Any], str, LocalPlatform | None]]:
+    """(state, secret, platform) for the demo and the robustness runs: the running local platform
+    (platform None), else one started here and stopped on the way out."""
+    secret = local_secret()
+    platform = None
+    state = read_state()
+    if state is not None and state.get("bus", "kafka") != bus:
+        raise RuntimeError(
+            f"the running local platform uses {state.get('bus', 'kafka')}, not {bus}; "
+            "stop it with `microfl down` or leave out --bus"
+        )
+    t0 = time.monotonic()
+    if state is None:
+        transport = "Pub/Sub emulator" if bus == "pubsub" else "Kafka broker"
+        print(
+            f"starting the local platform ({transport}, file store, the three functions) ...",
+            flush=True,
+        )
+        platform = LocalPlatform(secret, ping_interval=2.0, bus=bus)
+        state = platform.start()
+        print(
+            f"  up in {time.monotonic() - t0:.1f}s; ingest at {state['ingest_url']}; "
+            f"logs in {state['logs']}",
+            flush=True,
+        )
+    else:
+        print(f"using the running local platform at {state['ingest_url']}", flush=True)
+    try:
+        yield state, secret, platform
+    finally:
+        if platform is not None:
+            print("stopping the local platform ...", flush=True)
+            platform.stop()
 
 
 def _running(state: dict[str, Any] | None) -> bool:
