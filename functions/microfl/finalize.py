@@ -294,8 +294,9 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
         late = sorted(set(rounds.update_clients(r)) - set(sealed.clients))
         excluded += [{"client": c, "reason": f"arrived after round {r} was sealed"} for c in late]
         weight = meta.weight  # the examples clients claimed; the sum's weight is total.weight
-        mean = total.finish(total.weight)
-        if weight > 0 and not write_model(b.store, spec, r, current, mean, meta, b.secret):
+        if weight > 0 and not write_model(
+            b.store, spec, r, current, total.finish(total.weight), meta, b.secret
+        ):
             why = (
                 f"the aggregate of round {r} is not finite (NaN or Inf after the "
                 f"{spec.strategy} update); round {r} keeps model {r - 1}"
