@@ -114,6 +114,8 @@ def test_robustness_plan_runs_every_defence_against_each_attack() -> None:
 
     runs = plan(list(ATTACKS), clients=20, byzantine=0.2, rounds=10, strategies=None)
     assert runs[0] == Run("fedavg (no attack)", "fedavg")
+    clean = [r for r in runs if r.attack is None and r.strategy != "dp-fedavg"]
+    assert [r.defence for r in clean] == ["fedavg", "median", "trimmed-mean", "krum", "clip"]
     attacked = [r for r in runs if r.attack is not None]
     assert len(attacked) == 5 * len(ATTACKS)
     assert {(r.defence, r.attack) for r in attacked} == {
@@ -123,10 +125,11 @@ def test_robustness_plan_runs_every_defence_against_each_attack() -> None:
     assert by["krum"].options == {"f": 4, "m": 16}
     assert by["trimmed-mean"].options == {"beta": 0.2}
     assert by["clip"].options == {"clip": CLIP} and by["clip"].strategy == "fedavg"
-    assert all(r.strategy == "dp-fedavg" and r.attack is None for r in runs[1 + len(attacked):])
+    dp = runs[len(clean) + len(attacked):]
+    assert len(dp) == 3 and all(r.strategy == "dp-fedavg" and r.attack is None for r in dp)
     only = plan(["scale"], 20, 0.2, 10, ["fedavg", "median"])
     assert [(r.defence, r.attack) for r in only] == [
-        ("fedavg", None), ("fedavg", "scale"), ("median", "scale")]
+        ("fedavg", None), ("median", None), ("fedavg", "scale"), ("median", "scale")]
 
 
 def test_report_table_and_plot(tmp_path: Path) -> None:

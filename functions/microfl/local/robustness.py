@@ -15,6 +15,7 @@ from pathlib import Path
 
 from microfl.local.byzantine import ATTACKS, add_attack_arguments, byzantine_clients, describe
 from microfl.local.demo import DemoConfig
+from microfl.privacy import noise_multiplier_for
 
 __all__ = ["DP_EPSILONS", "Outcome", "Run", "add_arguments", "compare", "plan", "run_robustness"]
 
@@ -26,7 +27,6 @@ CLIP = 2.0
 DP_EPSILONS = (1.0, 4.0, 8.0)
 DP_DELTA = 1e-5
 DEFENCES = ("fedavg", "median", "trimmed-mean", "krum", "clip", "dp-fedavg")
-HELPER = "noise_multiplier_for"  # microfl.privacy's: (epsilon, rounds=, delta=) -> multiplier
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,13 @@ class Outcome:
 def plan(
     attacks: list[str], clients: int, byzantine: float, rounds: int, strategies: list[str] | None
 ) -> list[Run]:
-    """Clean FedAvg; per attack FedAvg, median, trimmed-mean (beta: the Byzantine fraction),
-    krum (f: the attackers; m = clients - f: multi-Krum averages all but the f worst-scored, the
-    most updates it can keep and still leave every attacker out; m = clients - 2f lost 3-4
-    points more in a measurement, from averaging fewer of the non-IID honest updates) and
-    FedAvg with clipping; dp-fedavg clean at DP_EPSILONS. `strategies` keeps only those named
-    (Run.defence; the clean FedAvg run is kept with "fedavg")."""
+    """Every defence without attackers (what robustness costs) and against each attack:
+    FedAvg, median, trimmed-mean (beta: the Byzantine fraction), krum (f: the attackers;
+    m = clients - f: multi-Krum averages all but the f worst-scored, the most updates it can
+    keep and still leave every attacker out; m = clients - 2f lost 3-4 points more in a
+    measurement, from averaging fewer of the non-IID honest updates) and FedAvg with clipping;
+    then dp-fedavg clean at DP_EPSILONS. `strategies` keeps only those named (Run.defence; the
+    clean FedAvg run is kept with "fedavg")."""
     f = len(byzantine_clients(clients, byzantine))
     defences: list[tuple[str, str, dict[str, float]]] = [
         ("fedavg", "fedavg", {}),
@@ -71,26 +72,19 @@ def plan(
         (f"krum f={f} m={clients - f}", "krum", {"f": f, "m": clients - f}),
         (f"fedavg clip={CLIP:g}", "fedavg", {"clip": CLIP}),
     ]
-    runs = [Run("fedavg (no attack)", "fedavg")]
+    runs = [Run(f"{label} (no attack)", name, opts) for label, name, opts in defences]
     for attack in attacks:
         runs += [Run(f"{label}, {attack}", name, opts, attack) for label, name, opts in defences]
-    runs += dp_runs(clients, rounds)
+    runs += dp_runs(rounds)
     return [r for r in runs if strategies is None or r.defence in strategies]
 
 
-def dp_runs(clients: int, rounds: int) -> list[Run]:
+def dp_runs(rounds: int) -> list[Run]:
     """dp-fedavg without attackers at each of DP_EPSILONS over the whole job (every client in
     every round), noise multipliers from microfl.privacy's accountant."""
-    import importlib.util
-
-    if importlib.util.find_spec("microfl.privacy") is None:
-        return []  # the accountant is not on this branch yet
-    noise_multiplier_for = getattr(importlib.import_module("microfl.privacy"), HELPER, None)
-    if noise_multiplier_for is None:
-        return []
     runs = []
     for epsilon in DP_EPSILONS:
-        z = float(noise_multiplier_for(epsilon, rounds=rounds, delta=DP_DELTA))
+        z = noise_multiplier_for(epsilon, rounds=rounds, delta=DP_DELTA)
         options = {"noise_multiplier": round(z, 4), "clip": CLIP, "delta": DP_DELTA}
         runs.append(Run(f"dp-fedavg eps={epsilon:g} (z={z:.2f})", "dp-fedavg", options))
     return runs
@@ -179,7 +173,8 @@ def plot(path: Path, base: DemoConfig, outcomes: list[Outcome]) -> None:
     panels: dict[str, list[Outcome]] = {}
     for o in outcomes:
         if o is not clean:
-            panels.setdefault(o.run.attack or "no attack: dp-fedavg", []).append(o)
+            quiet = "dp-fedavg, no attack" if o.run.strategy == "dp-fedavg" else "no attack"
+            panels.setdefault(o.run.attack or quiet, []).append(o)
     if not panels:
         panels["no attack"] = []
     cols = min(3, len(panels))
@@ -244,10 +239,6 @@ def run_robustness(args: argparse.Namespace) -> int:
     )
     if not runs:
         raise ValueError("no run left: --strategy names none of the plan's strategies")
-    if not any(r.strategy == "dp-fedavg" for r in runs) and (
-        args.strategy is None or "dp-fedavg" in args.strategy
-    ):
-        print(f"dp-fedavg runs left out: microfl.privacy has no {HELPER} yet", flush=True)
     compare(base, runs, args.report)
     print((args.report / "robustness.md").read_text())
     return 0
