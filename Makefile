@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test check lint bench chaos-report robustness up down status clean
+.PHONY: setup demo test check lint bench chaos-report robustness stragglers up down status clean
 
 $(BIN)/.installed: pyproject.toml
 	@command -v java >/dev/null && command -v mvn >/dev/null || \
@@ -50,6 +50,11 @@ chaos-report: setup
 # one local platform: load/results/robustness/{robustness.md,accuracy.png,results.json}.
 robustness: setup
 	$(BIN)/microfl robustness --report load/results/robustness
+
+# Sync FedAvg vs async FedBuff with 20 clients, a quarter of them 5x slower, on one local
+# platform: load/results/stragglers/{stragglers.md,accuracy.png,results.json}.
+stragglers: setup
+	$(BIN)/microfl stragglers --report load/results/stragglers
 
 up: setup
 	$(BIN)/microfl up --detach

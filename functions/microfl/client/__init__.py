@@ -1,4 +1,5 @@
-"""The FL client side over HTTP: fetch the global model, post an update, wait for the next round.
+"""The FL client side over HTTP: fetch the global model, post an update, wait for the next round
+(sync jobs) or the next version (async jobs: post_async_update names the version trained on).
 
 Uploads are idempotent on the server (the same bytes again answer 200), so retrying a post after
 a timeout or a 5xx is always safe. This module needs only numpy and requests; torch helpers come
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import requests
 
 from microfl.serde import tensors_from_safetensors, tensors_to_safetensors
 
-__all__ = ["Client", "ClientError"]
+__all__ = ["Client", "ClientError", "JobDone"]
 
 RETRIED = {408, 429, 500, 502, 503, 504}
 
@@ -30,6 +31,10 @@ class ClientError(RuntimeError):
         self.body = body
 
 
+class JobDone(RuntimeError):
+    """The job has made all its rounds or versions: there is nothing left to train for."""
+
+
 @dataclass
 class Client:
     url: str
@@ -38,6 +43,7 @@ class Client:
     retries: int = 8
     backoff: float = 0.2
     timeout: float = 60.0
+    _mode: str | None = field(default=None, init=False, repr=False)  # a job's mode never changes
 
     def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -73,18 +79,58 @@ class Client:
         resp = self._request("POST", f"/v1/jobs/{self.job}/rounds/{r}/updates", data=body)
         return dict(resp.json())
 
+    def post_async_update(
+        self, tensors: Mapping[str, np.ndarray], num_examples: int, base_version: int
+    ) -> dict[str, Any]:
+        """An async job's update trained on model version `base_version`: the answer names the
+        version buffer it counts in. A 409 `stale` ClientError means versions moved more than
+        max_staleness past the base: fetch the latest model and train again."""
+        meta = {"num_examples": str(num_examples), "base_version": str(base_version)}
+        body = tensors_to_safetensors(tensors, meta)
+        resp = self._request("POST", f"/v1/jobs/{self.job}/updates", data=body)
+        return dict(resp.json())
+
+    def mode(self) -> str:
+        """The job's mode, sync or async (asked once: it never changes)."""
+        if self._mode is None:
+            self._mode = str(self.job_info().get("mode", "sync"))
+        return self._mode
+
+    def post_trained(
+        self, tensors: Mapping[str, np.ndarray], num_examples: int, trained_on: int
+    ) -> dict[str, Any]:
+        """Post an update trained on model version `trained_on` the way the job's mode takes it:
+        to round trained_on + 1 (sync) or with base_version trained_on (async)."""
+        if self.mode() == "async":
+            return self.post_async_update(tensors, num_examples, trained_on)
+        return self.post_update(trained_on + 1, tensors, num_examples)
+
     def round(self, r: int) -> dict[str, Any]:
         return dict(self._request("GET", f"/v1/jobs/{self.job}/rounds/{r}").json())
+
+    def version(self, v: int) -> dict[str, Any]:
+        """An async job's version record once committed, else its buffer's state."""
+        return dict(self._request("GET", f"/v1/jobs/{self.job}/versions/{v}").json())
+
+    def record(self, v: int) -> dict[str, Any]:
+        """What made model version v: round v's record (sync) or version v's (async)."""
+        return self.version(v) if self.mode() == "async" else self.round(v)
 
     def wait_for_version(
         self, version: int, timeout: float = 300.0, poll: float = 0.2
     ) -> dict[str, Any]:
-        """Block until the job's model reaches `version` (round `version` committed)."""
+        """Block until the job's model reaches `version` (round or version `version`
+        committed); JobDone if the job finished below it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job_info()
             if info["model_version"] >= version:
                 return info
+            if info.get("state") == "done":
+                raise JobDone(
+                    f"job {self.job} has made all its {info['model_version']} versions; "
+                    f"there is no version {version}"
+                )
             time.sleep(poll)
         raise TimeoutError(
             f"job {self.job} did not reach model version {version} in {timeout:.0f}s"

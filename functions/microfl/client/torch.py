@@ -8,15 +8,16 @@ when the data are non-IID."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from microfl.client import Client
+from microfl.client import Client, ClientError, JobDone
 
 __all__ = [
     "StaleModel",
@@ -162,10 +163,26 @@ Tamper = Callable[
 
 @dataclass
 class TorchClient:
-    """One FL participant: a microfl Client (HTTP, retries) and the module it trains."""
+    """One FL participant: a microfl Client (HTTP, retries) and the module it trains.
+    Experiments only (simulated devices, microfl.local.stragglers): after each training, before
+    posting, it sleeps until slowdown x max(training time, step_time) seconds have passed
+    since the training started: (slowdown - 1) x the training time with step_time 0."""
 
     client: Client
     module: torch.nn.Module
+    slowdown: float = 1.0
+    step_time: float = 0.0
+    last_base: int = field(default=-1, init=False)  # the version of its last async update
+
+    def _train(
+        self, tensors: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, **options: Any
+    ) -> float:
+        load_into_module(self.module, tensors)
+        start = time.perf_counter()
+        loss = train_local(self.module, x, y, **options)
+        took = time.perf_counter() - start
+        time.sleep(max(0.0, self.slowdown * max(took, self.step_time) - took))
+        return loss
 
     def run_round(
         self,
@@ -189,19 +206,51 @@ class TorchClient:
                 f"job {self.client.job}: fetched model version {version} but the open round is "
                 f"{r}; fetch the model again"
             )
-        load_into_module(self.module, tensors)
-        loss = train_local(
-            self.module,
-            x,
-            y,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            prox_mu=prox_mu,
-            seed=seed,
-        )
+        options = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "prox_mu": prox_mu}
+        loss = self._train(tensors, x, y, seed=seed, **options)
         update, num_examples = tensors_from_module(self.module), len(y)
         if tamper is not None:
             update, num_examples = tamper(tensors, update, num_examples)
         answer = self.client.post_update(r, update, num_examples)
         return {**answer, "round": r, "loss": loss}
+
+    def run_async(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        epochs: int,
+        lr: float,
+        prox_mu: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 32,
+        tamper: Tamper | None = None,
+        max_retries: int = 10,
+        poll: float = 0.1,
+    ) -> dict[str, Any]:
+        """One step of an async job: train on the latest version and post the update with that
+        base_version; the answer with "loss" and "stale_retries". A client sends one update per
+        version, so after its update on v it first waits for v + 1. A 409 `stale` (versions
+        moved past max_staleness while it trained) fetches the latest again and retrains, at
+        most max_retries times. JobDone once the job has made all its versions."""
+        options = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "prox_mu": prox_mu}
+        stale = 0
+        while True:
+            if self.last_base >= 0:
+                self.client.wait_for_version(self.last_base + 1, timeout=3600.0, poll=poll)
+            tensors, version = self.client.model()
+            loss = self._train(tensors, x, y, seed=seed, **options)
+            update, num_examples = tensors_from_module(self.module), len(y)
+            if tamper is not None:
+                update, num_examples = tamper(tensors, update, num_examples)
+            try:
+                answer = self.client.post_async_update(update, num_examples, version)
+            except ClientError as exc:
+                error = exc.body.get("error")
+                if exc.status == 409 and error == "round_not_open":
+                    raise JobDone(f"job {self.client.job} has made all its versions") from exc
+                if exc.status == 409 and error == "stale" and stale < max_retries:
+                    stale += 1
+                    continue
+                raise
+            self.last_base = version
+            return {**answer, "loss": loss, "stale_retries": stale}

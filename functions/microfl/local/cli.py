@@ -409,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     from microfl.local import robustness
 
     robustness.add_arguments(p)  # sets func
+
+    p = sub.add_parser("stragglers", help="sync vs async rounds with slow clients on the demo")
+    from microfl.local import stragglers
+
+    stragglers.add_arguments(p)  # sets func
     return parser
 
 

@@ -5,7 +5,8 @@ bundled digits data set and train a small torch MLP locally; they talk to ingest
 and every global model is committed by the serverless pipeline (Kafka events, object storage).
 `--chaos` SIGKILLs every function and restarts the Kafka broker during the run; `--attack` makes
 the first `--byzantine` fraction of the clients Byzantine (microfl.local.byzantine) against the
-job's `--strategy`."""
+job's `--strategy`; `--mode async` trains a FedBuff job (microfl.local.demo_versions) and
+`--slow-fraction`/`--slowdown` make some clients stragglers (microfl.local.demo_clients)."""
 
 from __future__ import annotations
 
@@ -13,67 +14,43 @@ import argparse
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import sys
-import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from microfl.client import Client
 from microfl.local.byzantine import (
-    DEFAULT_BOOST,
     Attack,
     add_attack_arguments,
     byzantine_clients,
     describe,
 )
-from microfl.local.jobargs import add_strategy_arguments, strategy_options
+from microfl.local.demo_chaos import Chaos
+from microfl.local.demo_clients import (
+    add_straggler_arguments,
+    client_pool,
+    members,
+    run_clients,
+    slow_clients,
+)
+from microfl.local.demo_config import DemoConfig, DemoResult
+from microfl.local.demo_versions import HEADER, run_versions
+from microfl.local.jobargs import add_async_arguments, add_strategy_arguments, strategy_options
 
 __all__ = [
     "DemoConfig",
     "DemoResult",
     "add_arguments",
     "client_pool",
+    "one_platform",
     "run",
     "run_demo",
     "train_on",
 ]
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    clients: int = 20
-    rounds: int = 10
-    alpha: float = 0.5
-    epochs: int = 5
-    lr: float = 0.2
-    batch_size: int = 16
-    prox_mu: float = 0.0
-    fan_in: int = 5
-    processes: int = 4
-    seed: int = 0
-    chaos: bool = False
-    bus: str = "kafka"
-    report: Path | None = None
-    strategy: str = "fedavg"
-    strategy_options: dict[str, float] = field(default_factory=dict)
-    attack: str | None = None
-    byzantine: float = 0.2
-    boost: float = DEFAULT_BOOST
-    baseline: bool = True  # also train the model centrally on the pooled data, for comparison
-
-
-@dataclass
-class DemoResult:
-    job: str
-    rows: list[dict[str, Any]]
-    centralised: dict[str, float]
-    model_sha256: list[str]  # version 0..rounds
-    chaos: list[str] = field(default_factory=list)
-    report: Path | None = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,6 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, help="report folder (default .microfl/demo/JOB)")
     add_strategy_arguments(p)
     add_attack_arguments(p, several=False)
+    add_async_arguments(p)
+    add_straggler_arguments(p, d.slow_fraction, d.slowdown, d.step_time)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -126,15 +105,14 @@ def run(config: DemoConfig) -> DemoResult:
         return train_on(config, state, secret, platform)
 
 
-def client_pool(config: DemoConfig) -> ProcessPoolExecutor:
-    """The clients' worker processes, spawned (each imports torch and deals the data once): jobs
-    with the same clients, alpha and seed can share them."""
-    return ProcessPoolExecutor(
-        config.processes,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(config.clients, config.alpha, config.seed),
-    )
+@contextlib.contextmanager
+def one_platform(base: DemoConfig) -> Iterator[Callable[[DemoConfig], DemoResult]]:
+    """Run demo jobs (train_on) on one platform, the running one else one started here, and
+    one client pool spawned once: the jobs share base's clients, alpha and seed."""
+    from microfl.local.platform import session
+
+    with session(base.bus) as (state, secret, platform), client_pool(base) as pool:
+        yield lambda config: train_on(config, state, secret, platform, pool)
 
 
 def train_on(
@@ -167,6 +145,13 @@ def train_on(
     torch.manual_seed(config.seed)
     init = tensors_from_module(mlp())
     job = f"demo-{int(time.time() * 1000)}"
+    versions = config.mode == "async"
+    mode = {
+        "mode": "async",
+        "buffer": config.k,
+        "max_staleness": config.max_staleness,
+        "staleness_exponent": config.staleness_exponent,
+    }
     spec = JobSpec.for_model(
         job,
         init,
@@ -177,51 +162,79 @@ def train_on(
         strategy_options=config.strategy_options,
         fan_in=config.fan_in,
         created_at=time.time(),
+        **(mode if versions else {}),
     )
     create_job(open_store(state["store"]), spec, tensors_to_safetensors(init))
     sizes = sorted(len(y) for _, y in shards)
     print(
         f"job {job}: {config.clients} clients in {config.processes} processes, shards of "
         f"{sizes[0]}..{sizes[-1]} examples (Dirichlet alpha {config.alpha}), MLP 64-64-10, "
-        f"{config.rounds} rounds x {config.epochs} local epochs; strategy {spec.strategy} "
+        + (
+            f"async, {config.rounds} versions of K={spec.buffer} updates (max staleness "
+            f"{spec.max_staleness}, weight (1+s)^-{spec.staleness_exponent:g})"
+            if versions
+            else f"{config.rounds} rounds"
+        )
+        + f" x {config.epochs} local epochs; strategy {spec.strategy} "
         f"{spec.options if spec.options else ''}"
-        + describe(config.attack, config.clients, config.byzantine, config.boost),
+        + describe(config.attack, config.clients, config.byzantine, config.boost)
+        + (
+            f"; {len(slow_clients(config.clients, config.slow_fraction))} stragglers "
+            f"{config.slowdown:g}x slower"
+            if config.slow_fraction
+            else ""
+        ),
         flush=True,
     )
     attackers = byzantine_clients(config.clients, config.byzantine) if config.attack else range(0)
     attack = Attack(config.attack, config.boost, spec.max_examples) if config.attack else None
     tokens = [issue_token(secret.encode(), job, f"client-{i:03d}") for i in range(config.clients)]
     observer = Client(state["ingest_url"], job, issue_token(secret.encode(), job, admin=True))
-    chaos = _Chaos(platform, config.rounds) if config.chaos else None
+    chaos = Chaos(platform, config.rounds) if config.chaos else None
+    groups = members(config, tokens, attackers, attack)
+    clients: list[dict[str, Any]] = []
+
+    def evaluate_model(tensors: dict[str, Any]) -> tuple[float, float]:
+        load_into_module(model, tensors)
+        return evaluate(model, x_test, y_test)
 
     rows: list[dict[str, Any]] = []
     model = mlp()
-    print(f"\n{'round':>5} {'accuracy':>9} {'loss':>7} {'updates':>8} {'time s':>7}", flush=True)
+    print(
+        "\n"
+        + (
+            HEADER
+            if versions
+            else f"{'round':>5} {'accuracy':>9} {'loss':>7} {'updates':>8} {'time s':>7}"
+        ),
+        flush=True,
+    )
     with contextlib.nullcontext(pool) if pool else client_pool(config) as pool:
-        for r in range(1, config.rounds + 1):
+        started = time.time()
+        if versions:
+            rows, clients = run_versions(
+                config,
+                state["ingest_url"],
+                groups,
+                pool,
+                observer,
+                evaluate_model,
+                started,
+                chaos.round_started if chaos else None,
+            )
+        for r in range(1, 0 if versions else config.rounds + 1):
             start = time.monotonic()
             if chaos is not None:
                 chaos.round_started(r)
             futures = [
-                pool.submit(
-                    _client_round,
-                    state["ingest_url"],
-                    job,
-                    tokens[i],
-                    i,
-                    config,
-                    config.seed * 1_000_003 + r * 1_009 + i,
-                    attack if i in attackers else None,
-                )
-                for i in range(config.clients)
+                pool.submit(run_clients, state["ingest_url"], job, g, config, r) for g in groups
             ]
             for done, future in enumerate(as_completed(futures), 1):
                 future.result()
-                _progress(r, done, config.clients)
-            observer.wait_for_version(r, timeout=600)
+                _progress(r, done, len(groups))
+            observer.wait_for_version(r, timeout=600, poll=0.1)
             tensors, _ = observer.model(r)
-            load_into_module(model, tensors)
-            loss, acc = evaluate(model, x_test, y_test)
+            loss, acc = evaluate_model(tensors)
             record = observer.round(r)
             rows.append(
                 {
@@ -231,6 +244,7 @@ def train_on(
                     "included": len(record["included"]),
                     "excluded": len(record["excluded"]),
                     "seconds": round(time.monotonic() - start, 3),
+                    "elapsed": round(float(record["committed_at"]) - started, 3),
                 }
             )
             _clear_progress()
@@ -274,6 +288,7 @@ def train_on(
         hashes,
         chaos.events if chaos else [],
         report,
+        clients,
     )
     config_doc = asdict(config) | {"report": str(report)}
     summary = {
@@ -283,19 +298,22 @@ def train_on(
         "model_sha256": hashes,
         "chaos": result.chaos,
         "config": config_doc,
+        "clients": clients,
     }
     (report / "metrics.json").write_text(json.dumps(summary, indent=2))
+    unit = "version" if versions else "round"
     for r in range(1, config.rounds + 1):
-        (report / f"round-{r:03d}.json").write_text(json.dumps(observer.round(r), indent=2))
+        (report / f"{unit}-{r:03d}.json").write_text(json.dumps(observer.record(r), indent=2))
     plot_accuracy(
         report / "accuracy.png",
         [row["accuracy"] for row in rows],
         centralised.get("accuracy"),
         f"{config.clients} clients, digits, Dirichlet alpha {config.alpha}",
+        unit,
     )
     if chaos is not None:
         print("chaos: " + "; ".join(chaos.events))
-    print(f"report: {report} (metrics.json, accuracy.png, round records)")
+    print(f"report: {report} (metrics.json, accuracy.png, {unit} records)")
     return result
 
 
@@ -304,93 +322,17 @@ def _model_bytes(client: Client, version: int) -> bytes:
     return resp.content
 
 
-# --- client worker processes ---------------------------------------------------------------
-
-_SHARDS: list[Any] = []
-
-
-def _init_worker(clients: int, alpha: float, seed: int) -> None:
-    import torch
-
-    from microfl.local.demo_data import digits_shards
-
-    torch.set_num_threads(1)
-    _SHARDS[:] = digits_shards(clients, alpha, seed)[0]
-
-
-def _client_round(
-    url: str, job: str, token: str, i: int, config: DemoConfig, seed: int, attack: Attack | None
-) -> dict[str, Any]:
-    from microfl.client.torch import TorchClient, mlp
-
-    x, y = _SHARDS[i]
-    client = TorchClient(Client(url, job, token, retries=10), mlp())
-    return client.run_round(
-        x,
-        y if attack is None else attack.labels(y),
-        epochs=config.epochs,
-        lr=config.lr,
-        prox_mu=config.prox_mu,
-        seed=seed,
-        batch_size=config.batch_size,
-        tamper=attack,
-    )
-
-
 # --- terminal output ---------------------------------------------------------------------------
 
 
 def _progress(r: int, done: int, total: int) -> None:
     if sys.stdout.isatty():
         bar = "#" * (20 * done // total)
-        print(f"\r  round {r}: [{bar:<20}] {done}/{total} clients reported", end="", flush=True)
+        print(
+            f"\r  round {r}: [{bar:<20}] {done}/{total} client processes done", end="", flush=True
+        )
 
 
 def _clear_progress() -> None:
     if sys.stdout.isatty():
         print("\r" + " " * 60 + "\r", end="", flush=True)
-
-
-# --- chaos -------------------------------------------------------------------------------------
-
-
-class _Chaos:
-    """SIGKILLs each function at least once (every instance it has at that moment) while rounds
-    run, and restarts the Kafka broker once, in the middle of the run. (On Pub/Sub the emulator
-    is not restarted: it keeps messages in memory only, unlike the service it stands for.)"""
-
-    def __init__(self, platform: Any, rounds: int) -> None:
-        self.platform = platform
-        self.broker_round = max(1, rounds // 2)
-        self.events: list[str] = []
-        self.pending = ["ingest", "aggregate", "finalize"]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._kill_functions, daemon=True)
-        self._thread.start()
-
-    def round_started(self, r: int) -> None:
-        if r == self.broker_round and self.platform.kafka is not None:
-            threading.Thread(target=self._restart_broker, args=(r,), daemon=True).start()
-
-    def _restart_broker(self, r: int) -> None:
-        time.sleep(0.5)
-        self.platform.kafka.kill(1)
-        self.events.append(f"round {r}: Kafka broker SIGKILLed")
-        time.sleep(3.0)
-        self.platform.kafka.restart(1)
-        self.events.append(f"round {r}: Kafka broker restarted")
-
-    def _kill_functions(self) -> None:
-        while self.pending and not self._stop.wait(0.7):
-            target = self.pending[0]
-            runner = self.platform.runtime.services[target]
-            if runner.processes():
-                runner.kill_all()
-                self.events.append(f"{target} SIGKILLed")
-                self.pending.pop(0)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if self.pending:
-            self.events.append(f"never found running: {', '.join(self.pending)}")

@@ -1,5 +1,5 @@
 """The demo's data and report: scikit-learn's bundled digits split non-IID over clients, and the
-plot of accuracy per round. Bundled data only: nothing is downloaded."""
+plot of accuracy per round or version. Bundled data only: nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def digits_shards(clients: int, alpha: float, seed: int) -> Shards:
     return shards, (x[test], y[test]), (x[train], y[train])
 
 
-def plot_accuracy(path: Path, accuracy: list[float], baseline: float | None, title: str) -> None:
+def plot_accuracy(
+    path: Path, accuracy: list[float], baseline: float | None, title: str, unit: str = "round"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,7 +57,7 @@ def plot_accuracy(path: Path, accuracy: list[float], baseline: float | None, tit
     ax.plot(rounds, accuracy, marker="o", label="Micro-FL global model")
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", label="centralised baseline")
-    ax.set_xlabel("round")
+    ax.set_xlabel(unit)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.set_xticks(rounds)

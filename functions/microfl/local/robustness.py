@@ -94,13 +94,12 @@ def compare(base: DemoConfig, runs: list[Run], report: Path) -> list[Outcome]:
     """Every run on one platform (the running one, else one started here), in order; the table,
     plot and results.json are rewritten after each run, so an interrupted comparison keeps what
     it has."""
-    from microfl.local.demo import client_pool, train_on
-    from microfl.local.platform import session
+    from microfl.local.demo import one_platform
 
     report.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     started = time.monotonic()
-    with session(base.bus) as (state, secret, platform), client_pool(base) as pool:
+    with one_platform(base) as train:
         for n, run in enumerate(runs, 1):
             print(
                 f"\n=== [{n}/{len(runs)}] {run.label}"
@@ -116,7 +115,7 @@ def compare(base: DemoConfig, runs: list[Run], report: Path) -> list[Outcome]:
                 baseline=False,  # the same for every run: the demo's own report has it
             )
             t0 = time.monotonic()
-            result = train_on(config, state, secret, platform, pool)
+            result = train(config)
             accuracy = [row["accuracy"] for row in result.rows]
             outcomes.append(Outcome(run, result.job, accuracy, time.monotonic() - t0))
             write_report(report, base, outcomes, time.monotonic() - started)
