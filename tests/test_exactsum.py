@@ -221,3 +221,31 @@ def test_float64_updates_of_float32_tensors_sum_like_their_values() -> None:
     ints = ExactSum({"n": np.array([1, 2], np.int64)})
     with pytest.raises(ValueError, match="dtypes differ"):
         ints.fold({"n": np.array([1.0, 2.0])}, 1)
+
+
+def test_merge_arrays_is_merge_of_from_arrays() -> None:
+    """The commit's shortcut adds the same integers as merge(from_arrays(...)), and refuses a
+    non-canonical or misshapen partial leaving the sum as it was."""
+    rng = np.random.default_rng(7)
+    base = make_base(rng)
+    parts = []
+    for _ in range(3):
+        acc = ExactSum(base)
+        acc.fold_many(make_updates(rng, 3), [3, 1, 4])
+        parts.append(acc)
+    via_from, via_arrays = ExactSum(base), ExactSum(base)
+    for part in parts:
+        via_from.merge(ExactSum.from_arrays(base, part.to_arrays(), part.count, part.weight))
+        via_arrays.merge_arrays(part.to_arrays(), part.count, part.weight)
+    assert as_bytes(via_arrays) == as_bytes(via_from)
+    assert (via_arrays.count, via_arrays.weight) == (via_from.count, via_from.weight) == (9, 24)
+    before = as_bytes(via_arrays)
+    bad = parts[0].to_arrays()
+    bad["lo/b"] = bad["lo/b"].copy()
+    bad["lo/b"].reshape(-1)[-1] = -1
+    with pytest.raises(ValueError, match="not canonical"):
+        via_arrays.merge_arrays(bad, 1, 1)
+    misshapen = {**parts[0].to_arrays(), "hi/b": np.zeros(1, np.int64)}
+    with pytest.raises(ValueError, match="does not match"):
+        via_arrays.merge_arrays(misshapen, 1, 1)
+    assert as_bytes(via_arrays) == before and via_arrays.count == 9

@@ -250,6 +250,31 @@ class ExactSum:
         self.count += other.count
         self.weight += other.weight
 
+    def merge_arrays(self, arrays: Mapping[str, np.ndarray], count: int, weight: int) -> None:
+        """merge(from_arrays(base, arrays, count, weight)) for a partial sum on this sum's
+        base, with the same checks and the same integers, without building that sum (no
+        grid, zeroed limbs or copies: a commit merges up to fan_in of them)."""
+        if self.count + int(count) > MAX_UPDATES:
+            raise OverflowError(f"an exact sum holds at most {MAX_UPDATES} updates")
+        checked = []
+        for name, shape in self.shapes.items():
+            hi, lo = arrays[f"hi/{name}"], arrays[f"lo/{name}"]
+            if (
+                hi.shape != shape
+                or lo.shape != shape
+                or {hi.dtype, lo.dtype} != {np.dtype(np.int64)}
+            ):
+                raise ValueError(f"partial tensor {name!r} does not match the base model")
+            if lo.size and (int(lo.min()) < 0 or int(lo.max()) > _MASK):
+                raise ValueError(f"partial tensor {name!r} is not canonical")
+            checked.append((name, hi, lo))
+        for name, hi, lo in checked:  # all checked first: a refusal leaves the sum as it was
+            self.hi[name] += hi
+            self.lo[name] += lo
+            _carry_np(self.hi[name], self.lo[name])
+        self.count += int(count)
+        self.weight += int(weight)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The canonical limbs, as int64 tensors "hi/{name}" and "lo/{name}" (for safetensors)."""
         return {
