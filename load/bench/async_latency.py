@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import shutil
 import statistics
@@ -140,11 +141,11 @@ def _versions(
     import localplat
 
     from microfl.local.invariants import check_job
-    from microfl.rounds import Rounds, seal_key
+    from microfl.rounds import Rounds, nodes_prefix, seal_key
     from microfl.serde import json_from_bytes
 
     k, count = plan["buffer"], plan["versions"]
-    job = f"async-latency-{k}"
+    job, root = f"async-latency-{k}", Path(store.root)
     _new_job(store, job, plan, fan_in, rounds=count, mode="async", buffer=k)
     procstat.log(NAME, f"latency: {count} versions of K = {k} x {plan['params']:,} params")
     out = localplat.loadgen(
@@ -158,11 +159,15 @@ def _versions(
         seal = json_from_bytes(store.read(seal_key(job, v)) or b"{}")
         last = float(posted["last_202"])
         accepted |= {(v - 1, c) for c in posted["accepted_clients"]}
+        keys = store.list(nodes_prefix(job, v))
+        after = sorted(t for t in (os.stat(root / key).st_mtime for key in keys) if t >= last)
         rows.append(
             {
                 "version": v,
                 "latency_s": float(record["committed_at"]) - last,
                 "to_seal_s": float(seal["sealed_at"]) - last if "sealed_at" in seal else None,
+                "nodes_after_last_2xx": len(after),
+                "last_node_s": after[-1] - last if after else None,
                 "seen_s": float(posted["seen_at"]) - last,
                 "posting_s": posted["seconds"],
                 "updates_per_s": posted["updates_per_s"],
@@ -361,22 +366,26 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         f"{cfg['threads']} threads. **Latency**: per version, K = {cfg['buffer']} updates "
         "trained on the previous version are posted, then the next version is awaited; latency "
         "= the version record's committed_at minus the last 2xx (version 1 warms the instances "
-        "and is left out of the median and max). The **sync** reference is one round of "
-        "min_clients = K at the same size in the same runtime. **Sustained**: every thread "
+        "and is left out of the median and max); *nodes after* are the tree nodes written "
+        "after that 2xx, *last node* when the last of them was written. The **sync** "
+        "reference is one round of min_clients = K at the same size in the same runtime. "
+        "**Sustained**: every thread "
         "fetches the latest model, posts a new client's update on it, and again, for "
         f"{cfg['seconds']:g} s or until version {cfg['until']}; a version's lag = its "
         "committed_at minus the last 2xx of the updates it includes; backlog = updates "
         "accepted and not yet in a committed version, at each commit in the window. Both async "
         "jobs pass the invariant checker (nothing lost or counted twice, FedBuff models).",
         "",
-        "| K x params | version | posting s | updates/s | **latency s** | to seal s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| K x params | version | posting s | updates/s | **latency s** | to seal s | nodes "
+        "after | last node s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in lat["versions"]:
         lines.append(
             f"| {size} | {r['version']}{' (warm-up)' if r['version'] == 1 else ''} "
             f"| {r['posting_s']:.1f} | {r['updates_per_s']:.1f} | **{r['latency_s']:.3f}** "
-            f"| {_f(r['to_seal_s'], 3)} |"
+            f"| {_f(r['to_seal_s'], 3)} | {r.get('nodes_after_last_2xx', '-')} "
+            f"| {_f(r.get('last_node_s'), 3)} |"
         )
     lines += [
         "",
