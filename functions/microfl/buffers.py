@@ -69,6 +69,7 @@ __all__ = [
 
 GROUP = 8  # updates folded together (exactsum.fold_many), as in aggregate
 Work = tuple[int, Seal | None]  # a buffer with slots, and its seal if it has one
+Tensors = Mapping[str, np.ndarray]
 
 
 def update_id(client: str, base: int) -> str:
@@ -373,7 +374,7 @@ def fold_deltas(
     excluded: list[tuple[str, str]] = []
     unclipped = 0
     for start in range(0, len(members), GROUP):
-        loaded: list[tuple[str, dict[str, np.ndarray], int, bool]] = []
+        loaded: list[tuple[str, Tensors, Tensors, float, int, bool]] = []
         for uid, data in members[start : start + GROUP]:
             base_v = parse_update_id(uid)[1]
             base = model(base_v)
@@ -391,9 +392,16 @@ def fold_deltas(
             if clip is not None:
                 tensors, within = clip_update(tensors, base, clip)
             w = staleness_weight(r - 1 - base_v, spec.staleness_exponent)
-            loaded.append((uid, _delta(tensors, base, w), n, within))
-        refused = dict(acc.fold_many([y for _, y, _, _ in loaded], [n for _, _, n, _ in loaded]))
-        for i, (uid, _, n, within) in enumerate(loaded):
+            loaded.append((uid, tensors, base, w, n, within))
+        refused = dict(
+            acc.fold_many(
+                [x for _, x, _, _, _, _ in loaded],
+                [n for _, _, _, _, n, _ in loaded],
+                bases=[b for _, _, b, _, _, _ in loaded],
+                scales=[w for _, _, _, w, _, _ in loaded],
+            )
+        )
+        for i, (uid, _, _, _, n, within) in enumerate(loaded):
             if i in refused:
                 excluded.append((uid, f"stored update is invalid: {refused[i]}"))
             else:
@@ -401,20 +409,3 @@ def fold_deltas(
                 unclipped += within
         failpoint("aggregate.mid_fold")
     return PartialMeta(tuple(examples), tuple(excluded), unclipped)
-
-
-def _delta(
-    tensors: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], w: float
-) -> dict[str, np.ndarray]:
-    """w * (x - base) in float64, in place in one new array per tensor: the same operations,
-    so the same bits, as np.subtract(x, base, dtype=float64) * w (times 1.0 is skipped:
-    it changes no bit)."""
-    out = {}
-    with np.errstate(all="ignore"):  # a non-finite delta is refused by the fold
-        for k, x in tensors.items():
-            y = np.array(x, dtype=np.float64)
-            np.subtract(y, base[k], out=y)
-            if w != 1.0:
-                np.multiply(y, w, out=y)
-            out[k] = y
-    return out
