@@ -118,6 +118,7 @@ def host(workdir: Path, plan: dict[str, Any], fan_in: int, threads: int) -> dict
         "peak_mib": seen["peak_mib"],
         "cpu_s": seen["cpu_s"],
         "instances": seen["instances"],
+        "dispatch": seen["dispatch"],
     }
 
 
@@ -366,7 +367,8 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         f"{cfg['threads']} threads. **Latency**: per version, K = {cfg['buffer']} updates "
         "trained on the previous version are posted, then the next version is awaited; latency "
         "= the version record's committed_at minus the last 2xx (version 1 warms the instances "
-        "and is left out of the median and max); *nodes after* are the tree nodes written "
+        "and is left out of the median and max: its first events meet cold instances, and in "
+        "some runs only the sweep finds its work); *nodes after* are the tree nodes written "
         "after that 2xx, *last node* when the last of them was written. The **sync** "
         "reference is one round of min_clients = K at the same size in the same runtime. "
         "**Sustained**: every thread "
@@ -412,6 +414,11 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
         + ", ".join(f"{role} {_f(peak.get(role), 0)}" for role in ROLES)
         + "; CPU s "
         + ", ".join(f"{role} {_f(cpu.get(role), 1)}" for role in (*ROLES, "kafka"))
+        + "; events retried / dead-lettered / lost: "
+        + ", ".join(
+            f"{group.rsplit('-', 1)[0]} {d['retried']}/{d['dead_lettered']}/{d['lost']}"
+            for group, d in sorted(result.get("dispatch", {}).items())
+        )
         + ".",
         "",
         f"Target of issue 17 (K-th update's 2xx -> version committed <= {TARGET_LATENCY:g} s at "
