@@ -252,7 +252,9 @@ def test_merge_arrays_is_merge_of_from_arrays() -> None:
 
 
 @pytest.mark.parametrize("numba", [True, False])
-def test_deltas_fold_like_their_float64_arrays(numba: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deltas_fold_like_their_float64_arrays(
+    numba: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """fold_many(xs, w, bases, scales) gives the bytes, refusals and messages of folding the
     float64 arrays (x - base) * scale, with the numba kernel and without it; a refused delta
     (NaN, or beyond the grid's range) leaves no trace."""

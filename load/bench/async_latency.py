@@ -23,7 +23,6 @@ update in exactly one version, and every model FedBuff's within 1e-6. Figures, n
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -141,6 +140,7 @@ def _versions(
     """K updates per version, version after version; each version's latency."""
     import localplat
 
+    from microfl.jobs import load_job
     from microfl.local.invariants import check_job
     from microfl.rounds import Rounds, nodes_prefix, seal_key
     from microfl.serde import json_from_bytes
@@ -153,9 +153,10 @@ def _versions(
         url, job, k, plan["params"], threads, secret, extra=("--versions", str(count))
     )
     rows, accepted = [], set()
-    rounds = Rounds(store, _spec(store, job))
+    rounds = Rounds(store, load_job(store, job))
     for posted in out["versions"]:
         v = posted["version"]
+        _wait(lambda v=v: rounds.has_record(v), f"record {v} of job {job}")  # after model v
         record = rounds.record(v) or {}
         seal = json_from_bytes(store.read(seal_key(job, v)) or b"{}")
         last = float(posted["last_202"])
@@ -225,6 +226,7 @@ def _sustained(
     import localplat
 
     from microfl.buffers import parse_update_id
+    from microfl.jobs import load_job
     from microfl.local.invariants import check_job
     from microfl.rounds import Rounds
 
@@ -240,14 +242,15 @@ def _sustained(
     out = localplat.loadgen(url, job, most, plan["params"], threads, secret, extra=extra)
     posts = out["posts"]
     ok = [p for p in posts if p["status"] == 202]
-    rounds = Rounds(store, _spec(store, job))
+    rounds = Rounds(store, load_job(store, job))
     full = len(ok) // k  # no faults: every accepted update takes a slot, so these fill up
-    _wait(lambda: rounds.latest_version() >= full, f"{full} versions of job {job}")
+    _wait(lambda: full == 0 or rounds.has_record(full), f"{full} versions of job {job}")
     start, stop = min(p["start"] for p in posts), max(p["end"] for p in posts)
     window = stop - start
     ended = {(p["client"], p["base"]): p["end"] for p in ok}
     rows = []
     for v in range(1, rounds.latest_version() + 1):
+        _wait(lambda v=v: rounds.has_record(v), f"record {v} of job {job}")  # after model v
         record = rounds.record(v) or {}
         members = [ended[parse_update_id(u)] for u in record.get("included", [])]
         committed = float(record["committed_at"])
@@ -295,12 +298,6 @@ def _sustained(
         f"versions/s, lag median {_f(result['lag_median_s'])} s",
     )
     return result
-
-
-def _spec(store: Any, job: str) -> Any:
-    from microfl.jobs import load_job
-
-    return load_job(store, job)
 
 
 def _checked(verdict: Any, accepted: int) -> dict[str, Any]:
@@ -435,17 +432,5 @@ def _f(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="step", required=True)
-    h = sub.add_parser("host")
-    h.add_argument("workdir", type=Path)
-    h.add_argument("plan", help='JSON: {"buffer": K, "params": P, "versions": V, ...}')
-    h.add_argument("fan_in", type=int)
-    h.add_argument("threads", type=int)
-    args = parser.parse_args(argv)
-    procstat.emit(host(args.workdir, json.loads(args.plan), args.fan_in, args.threads))
-
-
 if __name__ == "__main__":
-    main()
+    procstat.step_main(host)
