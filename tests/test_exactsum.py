@@ -221,3 +221,66 @@ def test_float64_updates_of_float32_tensors_sum_like_their_values() -> None:
     ints = ExactSum({"n": np.array([1, 2], np.int64)})
     with pytest.raises(ValueError, match="dtypes differ"):
         ints.fold({"n": np.array([1.0, 2.0])}, 1)
+
+
+def test_merge_arrays_is_merge_of_from_arrays() -> None:
+    """The commit's shortcut adds the same integers as merge(from_arrays(...)), and refuses a
+    non-canonical or misshapen partial leaving the sum as it was."""
+    rng = np.random.default_rng(7)
+    base = make_base(rng)
+    parts = []
+    for _ in range(3):
+        acc = ExactSum(base)
+        acc.fold_many(make_updates(rng, 3), [3, 1, 4])
+        parts.append(acc)
+    via_from, via_arrays = ExactSum(base), ExactSum(base)
+    for part in parts:
+        via_from.merge(ExactSum.from_arrays(base, part.to_arrays(), part.count, part.weight))
+        via_arrays.merge_arrays(part.to_arrays(), part.count, part.weight)
+    assert as_bytes(via_arrays) == as_bytes(via_from)
+    assert (via_arrays.count, via_arrays.weight) == (via_from.count, via_from.weight) == (9, 24)
+    before = as_bytes(via_arrays)
+    bad = parts[0].to_arrays()
+    bad["lo/b"] = bad["lo/b"].copy()
+    bad["lo/b"].reshape(-1)[-1] = -1
+    with pytest.raises(ValueError, match="not canonical"):
+        via_arrays.merge_arrays(bad, 1, 1)
+    misshapen = {**parts[0].to_arrays(), "hi/b": np.zeros(1, np.int64)}
+    with pytest.raises(ValueError, match="does not match"):
+        via_arrays.merge_arrays(misshapen, 1, 1)
+    assert as_bytes(via_arrays) == before and via_arrays.count == 9
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_deltas_fold_like_their_float64_arrays(
+    numba: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fold_many(xs, w, bases, scales) gives the bytes, refusals and messages of folding the
+    float64 arrays (x - base) * scale, with the numba kernel and without it; a refused delta
+    (NaN, or beyond the grid's range) leaves no trace."""
+    if not numba:
+        monkeypatch.setattr(exactsum, "_delta_kernel", lambda: None)
+    rng = np.random.default_rng(11)
+    grid = {k: v.astype(np.float64) for k, v in make_base(rng).items()}
+    bases = [make_base(rng) for _ in range(3)]
+    xs = make_updates(rng, 6)
+    xs[2] = {**xs[2], "big": xs[2]["big"].copy()}
+    xs[2]["big"][4000] = np.nan  # refused in the last tensor, after others were folded
+    xs[4] = {**xs[4], "w": np.full((3, 5), 3e30, np.float32)}  # beyond the range
+    picked = [bases[i % 3] for i in range(6)]
+    scales = [1.0, 0.5**0.5, 1 / 3**0.5, 1.0, 0.5, 1 / 5**0.5]
+    weights = [3, 1, 4, 1, 5, 9]
+    fused, arrays = ExactSum(grid), ExactSum(grid)
+    got = fused.fold_many(xs, weights, bases=picked, scales=scales)
+    with np.errstate(all="ignore"):
+        ys = [
+            {k: np.subtract(x[k], b[k], dtype=np.float64) * s for k in x}
+            for x, b, s in zip(xs, picked, scales, strict=True)
+        ]
+    want = arrays.fold_many(ys, weights)
+    assert [(i, str(e)) for i, e in got] == [(i, str(e)) for i, e in want]
+    assert [i for i, _ in got] == [2, 4]
+    assert as_bytes(fused) == as_bytes(arrays)
+    assert (fused.count, fused.weight) == (arrays.count, arrays.weight) == (4, 14)
+    with pytest.raises(ValueError, match="one base and one scale"):
+        fused.fold_many(xs[:1], [1], bases=picked[:1])

@@ -62,10 +62,11 @@ def build_node(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
         raise PoisonEvent(f"round {r} has no node {j} at level {level}")
     if not rounds.node_exists(r, level, j):
         # an async job's buffers sum deltas on model 0's grid (buffers.grid_base)
-        base = buffers.grid_base(rounds) if spec.is_async else _base(rounds, spec, r)
+        zero = buffers.model_zero(rounds) if spec.is_async else None
+        base = buffers.grid_base(rounds, zero) if zero is not None else _base(rounds, spec, r)
         acc = ExactSum(base, max_weight=spec.max_examples)
-        if level == 0 and spec.is_async:
-            meta = _fold_buffer_leaf(b, spec, acc, r, j)
+        if level == 0 and zero is not None:
+            meta = _fold_buffer_leaf(b, spec, acc, r, j, zero)
         elif level == 0:
             members = _read_members(rounds, r, _leaf_members(rounds, r, j))
             meta = fold_updates(acc, spec, members, base, _clip_bound(b, spec, r))
@@ -130,16 +131,19 @@ def _clip_bound(b: Backends, spec: JobSpec, r: int) -> float | None:
     return round_clip(options, tensors_from_safetensors(saved)[0] if saved else None)
 
 
-def _fold_buffer_leaf(b: Backends, spec: JobSpec, acc: ExactSum, r: int, j: int) -> PartialMeta:
+def _fold_buffer_leaf(
+    b: Backends, spec: JobSpec, acc: ExactSum, r: int, j: int, zero: dict[str, np.ndarray]
+) -> PartialMeta:
     """Leaf j of an async job's buffer r: its members' deltas from their own base versions,
-    each base read once (at most fan_in of them besides fan_in updates)."""
+    each base read once (at most fan_in of them besides fan_in updates; model 0, `zero`, was
+    read for the grid)."""
     buf = buffers.Buffers(b.store, spec)
     uids, _ = buf.leaf_members(r, j)
     members = []
     for uid in uids:
         client, base = buffers.parse_update_id(uid)
         members.append((uid, buf.read_update(base, client)))
-    models: dict[int, dict[str, np.ndarray] | None] = {}
+    models: dict[int, dict[str, np.ndarray] | None] = {0: zero}
 
     def model(v: int) -> dict[str, np.ndarray] | None:
         if v not in models:
@@ -225,10 +229,6 @@ def _merge_children(
             )
         arrays, part = partial_from_safetensors(data)
         weight = sum(fold_weight(rounds.spec.strategy, n) for _, n in part.examples)
-        acc.merge(
-            ExactSum.from_arrays(
-                base, arrays, len(part.examples), weight, max_weight=acc.max_weight
-            )
-        )
+        acc.merge_arrays(arrays, len(part.examples), weight)
         meta += part
     return meta

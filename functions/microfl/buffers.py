@@ -60,6 +60,7 @@ __all__ = [
     "claim_key",
     "fold_deltas",
     "grid_base",
+    "model_zero",
     "parse_update_id",
     "staleness_weight",
     "update_id",
@@ -68,6 +69,7 @@ __all__ = [
 
 GROUP = 8  # updates folded together (exactsum.fold_many), as in aggregate
 Work = tuple[int, Seal | None]  # a buffer with slots, and its seal if it has one
+Tensors = Mapping[str, np.ndarray]
 
 
 def update_id(client: str, base: int) -> str:
@@ -270,7 +272,9 @@ class Buffers:
                 void += 1
                 continue
             client, base = parse_update_id(str(uid))
-            if self.create_claim(base, client, Place(r, n)) == Place(r, n):
+            # read first: the marker almost always stands (a create would cost an fsync)
+            place = self.claim(base, client) or self.create_claim(base, client, Place(r, n))
+            if place == Place(r, n):
                 members.append(str(uid))
             else:
                 void += 1  # a retry of the same update claimed another slot first
@@ -333,17 +337,24 @@ class Buffers:
         )
 
 
-def grid_base(rounds: Rounds) -> dict[str, np.ndarray]:
+def grid_base(
+    rounds: Rounds, zero: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """Model 0 in float64: the exact sum's grid for every buffer of an async job. Version r-1
     may not exist yet when buffer r's leaves fill, so the grid cannot be the sync path's model
     r-1; deltas are far inside model 0's range (exactsum: |y| < 2**(58 - wbits) times its
     scale, 2**38 at the default max_examples), and the rounding, g/2 = 2**-41 of model 0's
-    largest value, stays within 1e-6 of the model while it does not shrink 2**21-fold."""
+    largest value, stays within 1e-6 of the model while it does not shrink 2**21-fold.
+    `zero`: model 0's tensors when the caller has read them already."""
+    tensors = model_zero(rounds) if zero is None else zero
+    return {name: arr.astype(np.float64) for name, arr in tensors.items()}
+
+
+def model_zero(rounds: Rounds) -> dict[str, np.ndarray]:
     data = rounds.model(0)
     if data is None:
         raise PoisonEvent(f"job {rounds.job!r} has no model version 0")
-    tensors = tensors_from_safetensors(check_model(rounds.spec, 0, data))[0]
-    return {name: arr.astype(np.float64) for name, arr in tensors.items()}
+    return tensors_from_safetensors(check_model(rounds.spec, 0, data))[0]
 
 
 def fold_deltas(
@@ -363,7 +374,7 @@ def fold_deltas(
     excluded: list[tuple[str, str]] = []
     unclipped = 0
     for start in range(0, len(members), GROUP):
-        loaded: list[tuple[str, dict[str, np.ndarray], int, bool]] = []
+        loaded: list[tuple[str, Tensors, Tensors, float, int, bool]] = []
         for uid, data in members[start : start + GROUP]:
             base_v = parse_update_id(uid)[1]
             base = model(base_v)
@@ -381,11 +392,16 @@ def fold_deltas(
             if clip is not None:
                 tensors, within = clip_update(tensors, base, clip)
             w = staleness_weight(r - 1 - base_v, spec.staleness_exponent)
-            with np.errstate(all="ignore"):  # a non-finite delta is refused by the fold
-                y = {k: np.subtract(x, base[k], dtype=np.float64) * w for k, x in tensors.items()}
-            loaded.append((uid, y, n, within))
-        refused = dict(acc.fold_many([y for _, y, _, _ in loaded], [n for _, _, n, _ in loaded]))
-        for i, (uid, _, n, within) in enumerate(loaded):
+            loaded.append((uid, tensors, base, w, n, within))
+        refused = dict(
+            acc.fold_many(
+                [x for _, x, _, _, _, _ in loaded],
+                [n for _, _, _, _, n, _ in loaded],
+                bases=[b for _, _, b, _, _, _ in loaded],
+                scales=[w for _, _, _, w, _, _ in loaded],
+            )
+        )
+        for i, (uid, _, _, _, n, within) in enumerate(loaded):
             if i in refused:
                 excluded.append((uid, f"stored update is invalid: {refused[i]}"))
             else:

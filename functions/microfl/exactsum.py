@@ -107,6 +107,51 @@ def _group_loop(hi, lo, xs, cs, xlim, bad):  # type: ignore[no-untyped-def]
             hi[i] += carry
 
 
+def _delta_loop(hi, lo, xs, bs, ss, cs, xlim, bad):  # type: ignore[no-untyped-def]
+    """_group_loop on v = (x - b) * s in float64 (an async delta: update x, its base b, its
+    staleness weight s), the same operations as numpy's, so the same bits, with no array of
+    deltas ever made."""
+    for start in range(0, hi.size, BLOCK):
+        stop = min(start + BLOCK, hi.size)
+        for k in range(len(xs)):
+            if bad[k] >= 0:
+                continue
+            hs, ls, c, s, refused = hi[start:stop], lo[start:stop], cs[k], ss[k], 0
+            x, b = xs[k][start:stop], bs[k][start:stop]
+            for i in range(x.size):
+                v = (np.float64(x[i]) - np.float64(b[i])) * s
+                ok = abs(v) < xlim
+                refused += 0 if ok else 1
+                y = np.rint((v if ok else 0.0) * c)
+                h = np.rint(y * _IR)
+                ls[i] += np.int64(y - h * _R)
+                hs[i] += np.int64(h)
+            if refused:
+                bad[k] = stop
+        for i in range(start, stop):
+            carry = lo[i] >> LIMB
+            lo[i] &= _MASK
+            hi[i] += carry
+
+
+@functools.cache
+def _delta_kernel() -> Callable[..., None] | None:
+    """_delta_loop compiled by numba, as _kernel."""
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover
+        return None
+    return njit(nogil=True, cache=True)(_delta_loop)
+
+
+def _delta(x: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
+    """(x - b) * s in float64, as _delta_loop computes it."""
+    with np.errstate(all="ignore"):  # a non-finite delta is refused by the fold
+        v = np.subtract(x, b, dtype=np.float64)
+        v *= s
+    return v
+
+
 @functools.cache
 def _kernel() -> Callable[..., None] | None:
     """_group_loop compiled by numba (or loaded from its cache) on the first fold. Only
@@ -119,11 +164,27 @@ def _kernel() -> Callable[..., None] | None:
     return njit(nogil=True, cache=True)(_group_loop)
 
 
-def _group(hi: np.ndarray, lo: np.ndarray, xs: tuple, cs: np.ndarray, xlim: float) -> np.ndarray:
-    """Fold a group of flat updates of one tensor; bad[k] >= 0: update k refused, folded into
-    elements [0, bad[k]) (the caller rolls that back)."""
+def _group(
+    hi: np.ndarray,
+    lo: np.ndarray,
+    xs: tuple,
+    cs: np.ndarray,
+    xlim: float,
+    deltas: tuple[tuple, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Fold a group of flat updates of one tensor (with deltas = (bases, scales): the deltas
+    (x - base) * scale); bad[k] >= 0: update k refused, folded into elements [0, bad[k]) (the
+    caller rolls that back)."""
     bad = np.full(len(xs), -1, dtype=np.int64)
-    kernel = _kernel() if xs[0].dtype in (np.float32, np.float64) else None
+    floats = (np.float32, np.float64)
+    if deltas is not None:
+        bs, ss = deltas
+        fused = _delta_kernel() if xs[0].dtype in floats and bs[0].dtype in floats else None
+        if fused is not None:
+            fused(hi, lo, xs, bs, ss, cs, xlim, bad)
+            return bad
+        xs = tuple(_delta(x, b, s) for x, b, s in zip(xs, bs, ss, strict=True))
+    kernel = _kernel() if xs[0].dtype in floats else None
     if kernel is not None:
         kernel(hi, lo, xs, cs, xlim, bad)
     else:
@@ -171,20 +232,33 @@ class ExactSum:
             raise refused[0][1]
 
     def fold_many(
-        self, updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[int]
+        self,
+        updates: Sequence[Mapping[str, np.ndarray]],
+        weights: Sequence[int],
+        bases: Sequence[Mapping[str, np.ndarray]] | None = None,
+        scales: Sequence[float] | None = None,
     ) -> list[tuple[int, ValueOutOfRange]]:
         """Fold several updates block by block (the accumulator block stays in cache across
-        them). Returns (index, error) of those refused; the others are in, exactly once."""
+        them). With bases and scales, fold the deltas (x_i - base_i) * scale_i computed in
+        float64 on the fly: the bits of folding those deltas as float64 arrays, without them.
+        Returns (index, error) of those refused; the others are in, exactly once."""
         if len(updates) != len(weights):
             raise ValueError("fold_many needs one weight per update")
+        if (
+            (bases is None) != (scales is None)
+            or len(bases or updates) != len(updates)
+            or len(scales or updates) != len(updates)
+        ):
+            raise ValueError("fold_many's deltas need one base and one scale per update")
         for w in weights:
             if not (isinstance(w, int | np.integer) and 1 <= w <= self.max_weight):
                 raise ValueError(f"weight must be an integer in 1..{self.max_weight}, got {w!r}")
         if self.count + len(updates) > MAX_UPDATES:
             raise OverflowError(f"an exact sum holds at most {MAX_UPDATES} updates")
-        for u in updates:
+        for i, u in enumerate(updates):
+            b = None if bases is None else bases[i]
             if set(u) != set(self.shapes) or any(
-                u[n].shape != s or not self._takes(n, u[n].dtype) for n, s in self.shapes.items()
+                u[n].shape != s or not self._takes(n, u[n].dtype, b) for n, s in self.shapes.items()
             ):
                 raise ValueError("update tensors' names, shapes or dtypes differ from the base's")
         refused: dict[int, ValueOutOfRange] = {}
@@ -198,11 +272,18 @@ class ExactSum:
                 hi, lo = self.hi[name].reshape(-1), self.lo[name].reshape(-1)
                 xs = tuple(_flat(updates[k][name]) for k in live)
                 cs = np.array([np.ldexp(float(weights[k]), -self.grid[name]) for k in live])
-                bad = _group(hi, lo, xs, cs, self.xlim[name])
+                deltas = None
+                if bases is not None and scales is not None:
+                    bs = tuple(_flat(bases[k][name]) for k in live)
+                    deltas = (bs, np.array([float(scales[k]) for k in live]))
+                bad = _group(hi, lo, xs, cs, self.xlim[name], deltas)
                 for j in np.flatnonzero(bad >= 0):
                     k, stop = live[j], int(bad[j])
-                    refused[k] = self._refusal(name, updates[k][name])
-                    self._undo(updates[k], weights[k], done, name, stop)
+                    arr = updates[k][name]
+                    if bases is not None and scales is not None:
+                        arr = _delta(arr, bases[k][name], float(scales[k]))
+                    refused[k] = self._refusal(name, arr)
+                    self._undo(updates, weights, k, done, name, stop, bases, scales)
                 done.append(name)
         for k in range(len(updates)):
             if k not in refused:
@@ -210,21 +291,41 @@ class ExactSum:
                 self.weight += int(weights[k])
         return sorted(refused.items())
 
-    def _takes(self, name: str, dtype: np.dtype) -> bool:
+    def _takes(
+        self, name: str, dtype: np.dtype, base: Mapping[str, np.ndarray] | None = None
+    ) -> bool:
         """The base's dtype, or float64 for a floating tensor (clipped updates are float64, so
-        rounding them back cannot push them past the clip bound)."""
-        base = self.dtypes[name]
-        return dtype == base or (base.kind == "f" and dtype == np.float64)
+        rounding them back cannot push them past the clip bound). For a delta, the base is
+        the delta's own base, whose shape must match too."""
+        if base is not None:
+            ref = base[name]
+            if ref.shape != self.shapes[name]:
+                return False
+            return dtype == ref.dtype or (ref.dtype.kind == "f" and dtype == np.float64)
+        ref_dtype = self.dtypes[name]
+        return dtype == ref_dtype or (ref_dtype.kind == "f" and dtype == np.float64)
 
     def _undo(
-        self, update: Mapping[str, np.ndarray], weight: int, done: list[str], name: str, stop: int
+        self,
+        updates: Sequence[Mapping[str, np.ndarray]],
+        weights: Sequence[int],
+        k: int,
+        done: list[str],
+        name: str,
+        stop: int,
+        bases: Sequence[Mapping[str, np.ndarray]] | None,
+        scales: Sequence[float] | None,
     ) -> None:
-        """Subtract an update folded into tensors `done` and elements [0, stop) of `name`
+        """Subtract update k folded into tensors `done` and elements [0, stop) of `name`
         (exact: rint is symmetric, so folding with -w cancels it to the last bit)."""
         for t, end in [(d, self.hi[d].size) for d in done] + [(name, stop)]:
             hi, lo = self.hi[t].reshape(-1)[:end], self.lo[t].reshape(-1)[:end]
-            x = _flat(update[t])[:end]
-            _group(hi, lo, (x,), np.array([-np.ldexp(float(weight), -self.grid[t])]), self.xlim[t])
+            x = _flat(updates[k][t])[:end]
+            deltas = None
+            if bases is not None and scales is not None:
+                deltas = ((_flat(bases[k][t])[:end],), np.array([float(scales[k])]))
+            c = np.array([-np.ldexp(float(weights[k]), -self.grid[t])])
+            _group(hi, lo, (x,), c, self.xlim[t], deltas)
 
     def _refusal(self, name: str, arr: np.ndarray) -> ValueOutOfRange:
         v = arr.astype(np.float64)
@@ -249,6 +350,31 @@ class ExactSum:
             _carry_np(self.hi[name], self.lo[name])
         self.count += other.count
         self.weight += other.weight
+
+    def merge_arrays(self, arrays: Mapping[str, np.ndarray], count: int, weight: int) -> None:
+        """merge(from_arrays(base, arrays, count, weight)) for a partial sum on this sum's
+        base, with the same checks and the same integers, without building that sum (no
+        grid, zeroed limbs or copies: a commit merges up to fan_in of them)."""
+        if self.count + int(count) > MAX_UPDATES:
+            raise OverflowError(f"an exact sum holds at most {MAX_UPDATES} updates")
+        checked = []
+        for name, shape in self.shapes.items():
+            hi, lo = arrays[f"hi/{name}"], arrays[f"lo/{name}"]
+            if (
+                hi.shape != shape
+                or lo.shape != shape
+                or {hi.dtype, lo.dtype} != {np.dtype(np.int64)}
+            ):
+                raise ValueError(f"partial tensor {name!r} does not match the base model")
+            if lo.size and (int(lo.min()) < 0 or int(lo.max()) > _MASK):
+                raise ValueError(f"partial tensor {name!r} is not canonical")
+            checked.append((name, hi, lo))
+        for name, hi, lo in checked:  # all checked first: a refusal leaves the sum as it was
+            self.hi[name] += hi
+            self.lo[name] += lo
+            _carry_np(self.hi[name], self.lo[name])
+        self.count += int(count)
+        self.weight += int(weight)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The canonical limbs, as int64 tensors "hi/{name}" and "lo/{name}" (for safetensors)."""

@@ -51,11 +51,7 @@ def commit(rounds: Rounds, r: int, now: float) -> bool | None:
         if data is None:
             return None
         arrays, part = partial_from_safetensors(data)
-        total.merge(
-            ExactSum.from_arrays(
-                grid, arrays, len(part.examples), part.weight, max_weight=spec.max_examples
-            )
-        )
+        total.merge_arrays(arrays, len(part.examples), part.weight)
         meta += part
         failpoint("finalize.mid_combine")
     current = tensors_from_safetensors(check_model(spec, r - 1, previous))[0]

@@ -169,8 +169,9 @@ def loadgen(
     threads: int,
     secret: str,
     warmup: int = 0,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Run loadgen.py in a process of its own; its summary."""
+    """Run loadgen.py in a process of its own (extra: more of its options); its summary."""
     done = subprocess.run(
         [
             sys.executable,
@@ -185,6 +186,7 @@ def loadgen(
             str(threads),
             "--warmup",
             str(warmup),
+            *extra,
         ],
         stdout=subprocess.PIPE,
         text=True,

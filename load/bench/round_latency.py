@@ -41,7 +41,7 @@ from typing import Any
 import procstat
 import report
 
-__all__ = ["NAME", "markdown", "run", "targets"]
+__all__ = ["NAME", "default_workdir", "markdown", "run", "targets"]
 
 NAME = "round_latency"
 # N x P; flower: also time Flower's aggregate_arrayrecords on the same updates.
@@ -94,7 +94,7 @@ def run(
     threads: int = THREADS,
 ) -> dict[str, Any]:
     plan = parse_plan(clients, quick)
-    tmp = Path(tempfile.mkdtemp(prefix="microfl-rounds-", dir=workdir or _default_workdir()))
+    tmp = Path(tempfile.mkdtemp(prefix="microfl-rounds-", dir=workdir or default_workdir()))
     try:
         result = procstat.run_step(
             Path(__file__), "host", str(tmp), json.dumps(plan), str(fan_in), str(threads)
@@ -143,7 +143,7 @@ def _flat(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _default_workdir() -> Path:
+def default_workdir() -> Path:
     """The repository's disk (the updates of 1,000 clients x 1M are 4 GB; /tmp may be small)."""
     path = HERE.parent.parent / ".microfl" / "bench"
     path.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ fails to run (or, with --strict, misses a target).
 
 Benchmarks: fold_throughput, flower_compare, aggregate_memory, round_latency,
 ingest_throughput, transport_compare, header_parse, ingest_memory (with
-MICROFL_BENCH_BASELINE=DIR also against the checkout in DIR), round_cost, robust_compare.
+MICROFL_BENCH_BASELINE=DIR also against the checkout in DIR), round_cost, robust_compare,
+async_latency.
 flower_compare and robust_compare need flwr (pip install -e '.[bench]', or a folder of it named
 by MICROFL_BENCH_DEPS); without it they are skipped with a note.
 transport_compare runs the Pub/Sub emulator, which Go builds on first use. The platform
@@ -45,9 +46,16 @@ BENCHMARKS = (
     "ingest_memory",
     "round_cost",
     "robust_compare",
+    "async_latency",
 )
 # They need a Kafka broker.
-PLATFORM = {"round_latency", "ingest_throughput", "transport_compare", "ingest_memory"}
+PLATFORM = {
+    "round_latency",
+    "ingest_throughput",
+    "transport_compare",
+    "ingest_memory",
+    "async_latency",
+}
 # They need flwr (the bench extra, or MICROFL_BENCH_DEPS).
 FLOWER = {"flower_compare", "robust_compare"}
 

@@ -39,6 +39,7 @@ ROUND = 1
 POOL = 16
 NOISE = 0.01
 _PLACEHOLDER = "999"  # num_examples in a template body; every client's has three digits too
+_BASE_PLACEHOLDER = "000000000"  # base_version, always written with 9 digits
 
 
 def shapes(params: int) -> dict[str, tuple[int, ...]]:
@@ -57,9 +58,12 @@ def model(params: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 class Updates:
-    """The updates of n clients for a model; body(i) is client i's safetensors upload."""
+    """The updates of n clients for a model; body(i) is client i's safetensors upload. With
+    versioned, bodies carry an async job's base_version (body(i, base))."""
 
-    def __init__(self, base: dict[str, np.ndarray], n: int, seed: int = 1) -> None:
+    def __init__(
+        self, base: dict[str, np.ndarray], n: int, seed: int = 1, versioned: bool = False
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.n = n
         self.pool = [
@@ -70,11 +74,15 @@ class Updates:
             for _ in range(min(POOL, n))
         ]
         self.examples = [int(v) for v in rng.integers(100, 1000, size=n)]  # three digits
-        self._templates = [
-            tensors_to_safetensors(t, {"num_examples": _PLACEHOLDER}) for t in self.pool
-        ]
+        meta = {"num_examples": _PLACEHOLDER}
+        if versioned:
+            meta["base_version"] = _BASE_PLACEHOLDER
+        self._templates = [tensors_to_safetensors(t, meta) for t in self.pool]
         head = self._templates[0][:4096]
         self._at = head.index(b'"num_examples":"' + _PLACEHOLDER.encode()) + 16
+        self._base_at = (
+            head.index(b'"base_version":"' + _BASE_PLACEHOLDER.encode()) + 16 if versioned else 0
+        )
 
     @property
     def model_bytes(self) -> int:
@@ -86,10 +94,14 @@ class Updates:
     def tensors(self, i: int) -> dict[str, np.ndarray]:
         return self.pool[i % len(self.pool)]
 
-    def body(self, i: int) -> bytes:
-        """Client i's upload, byte-identical to tensors_to_safetensors(tensors(i), metadata)."""
+    def body(self, i: int, base: int = 0) -> bytes:
+        """Client i's upload, byte-identical to tensors_to_safetensors(tensors(i), metadata);
+        trained on version `base` if versioned (9 digits, zero-padded)."""
         data = bytearray(self._templates[i % len(self.pool)])
         data[self._at : self._at + 3] = str(self.examples[i]).encode()
+        if self._base_at:
+            at = self._base_at
+            data[at : at + len(_BASE_PLACEHOLDER)] = f"{base:09d}".encode()
         return bytes(data)
 
     def bodies(self) -> Iterator[tuple[str, bytes]]:

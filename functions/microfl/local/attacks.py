@@ -14,10 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import requests
 
+from microfl import events
+from microfl.local.kafka import read_events
+from microfl.rounds import updates_prefix
 from microfl.serde import tensors_to_safetensors
+from microfl.store import ObjectStore
 from microfl.tokens import issue_token
 
-__all__ = ["ATTACKS", "Attack", "Target", "fire"]
+__all__ = ["ATTACKS", "Attack", "Target", "counts", "fire"]
 
 
 GUESSED_SECRET = b"an-attacker-guessed-this-0123456789"
@@ -159,3 +163,35 @@ def fire(target: Target, prefix: str = "evil") -> list[tuple[str, int, int]]:
 
     with ThreadPoolExecutor(4) as pool:
         return list(pool.map(send, enumerate(plan)))
+
+
+def counts(
+    answers: list[tuple[str, int, int]],
+    store: ObjectStore,
+    job: str,
+    bootstrap: str,
+    rounds: int,
+    accepted: int,
+    replays: int,
+) -> dict[str, int]:
+    """What the hostile-clients scenario reports: the attacks' answers (name, wanted, got),
+    hostile uploads stored (must be 0) and update.accepted events published for the job (at
+    most one per accepted update: replays publish nothing)."""
+    stored = sum(
+        key.rsplit("/", 1)[1].startswith("evil")
+        for r in range(1, rounds + 2)
+        for key in store.list(updates_prefix(job, r))
+    )
+    announcements = sum(
+        data.get("job") == job and kind == events.UPDATE_ACCEPTED
+        for data, kind in read_events(bootstrap, ["microfl.finalize"])
+    )
+    return {
+        "tried": len(answers),
+        "as_contract": sum(want == got for _, want, got in answers),
+        "5xx": sum(got >= 500 or got == 0 for _, _, got in answers),
+        "stored": stored,
+        "replays": replays,
+        "accepted": accepted,
+        "announcements": announcements,
+    }

@@ -12,29 +12,27 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from microfl import events
-from microfl.client import Client, ClientError
+from microfl.client import Client
 from microfl.jobs import JobSpec, create_job, load_job, model_key, revoke_client
 from microfl.local import attacks
+from microfl.local.chaos_clients import Progress, async_versions, sync_rounds, wait
 from microfl.local.gcs import FakeGcsServer
 from microfl.local.invariants import check_job
 from microfl.local.kafka import KafkaCluster, read_events
 from microfl.local.proxies import EventChaosProxy, SlowTcpProxy
 from microfl.local.runtime import LocalRuntime
-from microfl.rounds import record_key, seal_key, updates_prefix
+from microfl.rounds import seal_key
 from microfl.serde import tensors_to_safetensors
 from microfl.store import GcsStore
 from microfl.tokens import issue_token
 
-__all__ = ["SCENARIOS", "ChaosEnv", "ScenarioResult", "run_scenario"]
+__all__ = ["SCENARIOS", "ChaosEnv", "ScenarioResult", "run_scenario", "scenario_names"]
 
 SECRET = "microfl-chaos-secret-0123456789-abcdef"
 
@@ -124,7 +122,7 @@ def _kill_functions(run: Run) -> None:
     start = time.monotonic()
     run.runtime.services["ingest"].kill_all()
     run.fault("ingest SIGKILLed while clients post", start)
-    _wait(lambda: run.sealed(2), 120)
+    wait(lambda: run.sealed(2), 120)
     for target in ("aggregate", "finalize"):
         start = time.monotonic()
         run.runtime.services[target].kill_all()
@@ -195,15 +193,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "clock-jump": {"fault": _jump_clock, "quorum_extra": 1, "round_timeout": JUMP_TIMEOUT},
     "hostile-clients": {"fault": _attack, "replays": 5},
 }
+SYNC_ONLY = {"clock-jump", "hostile-clients"}  # their faults are timed by rounds
 
 
-def _wait(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
+def scenario_names(scenario: str, mode: str = "sync") -> list[str]:
+    """healthy and `scenario`, or every scenario ("all") that has a form for the mode."""
+    if mode == "async" and scenario in SYNC_ONLY:
+        raise ValueError(f"scenario {scenario!r} is about rounds; async jobs run the others")
+    names = list(SCENARIOS) if scenario == "all" else ["healthy", scenario]
+    return [n for n in dict.fromkeys(names) if mode == "sync" or n not in SYNC_ONLY]
 
 
 # --- running one -------------------------------------------------------------------------------
@@ -218,9 +216,16 @@ def run_scenario(
     say: Callable[[str], None] = print,
     strategy: str = "fedavg",
     strategy_options: dict[str, float] | None = None,
+    mode: str = "sync",
+    buffer: int = 0,
 ) -> ScenarioResult:
-    """Run scenario `name` on a new job with the given aggregation strategy."""
+    """Run scenario `name` on a new job with the given aggregation strategy; with mode
+    "async", a FedBuff job of `rounds` versions of `buffer` updates (default clients - 2)
+    whose clients post continuously on the version they fetched."""
     options = SCENARIOS[name]
+    if mode == "async" and name in SYNC_ONLY:
+        raise ValueError(f"scenario {name!r} is about rounds; async jobs run the others")
+    jobmode = {"mode": "async", "buffer": buffer or max(1, clients - 2)} if mode == "async" else {}
     t0 = time.monotonic()
     work = env.workdir / name
     work.mkdir(parents=True, exist_ok=True)
@@ -259,6 +264,7 @@ def run_scenario(
         strategy=strategy,
         strategy_options=strategy_options or {},
         created_at=time.time(),
+        **jobmode,
     )
     create_job(store, spec, tensors_to_safetensors(model))
     assert env.kafka is not None
@@ -272,25 +278,24 @@ def run_scenario(
         replication=3,
         wrap_sink=wrap,
     ).start()
+    progress = Progress(rounds)
     run = Run(
         env,
         runtime,
         store,
         job,
         skew,
-        [threading.Event() for _ in range(rounds)],
-        [threading.Event() for _ in range(rounds)],
+        progress.started,
+        progress.posted,
         lambda r: store.exists(seal_key(job, r)),
     )
     faulter = None
     if options.get("fault"):
         faulter = threading.Thread(target=options["fault"], args=(run,), daemon=True)
         faulter.start()
-    accepted: set[tuple[int, str]] = set()
-    commits: list[float] = []
-    problems: list[str] = []
     try:
-        say(f"[{name}] job {job}: {clients} clients x {rounds} rounds, {strategy}")
+        what = f"versions of K = {spec.buffer}" if mode == "async" else "rounds"
+        say(f"[{name}] job {job}: {clients} clients x {rounds} {what}, {strategy}")
         timeout = options.get("client_timeout", 60.0)
         users = [
             Client(
@@ -303,22 +308,11 @@ def run_scenario(
             )
             for i in range(clients)
         ]
-        for r in range(1, rounds + 1):
-            run.round_started[r - 1].set()
-            post = partial(_post, r=r, seed=seed, replays=options.get("replays", 0))
-            try:
-                with ThreadPoolExecutor(4) as pool:
-                    answers = list(pool.map(post, users, range(clients)))
-            except ClientError as exc:
-                problems.append(f"round {r}: an honest client was refused: {exc}")
-                break
-            accepted |= {(r, f"c{i}") for i, ok in enumerate(answers) if ok}
-            run.round_posted[r - 1].set()
-            if not _wait(partial(store.exists, record_key(job, r)), 240):
-                problems.append(f"round {r} did not commit within 240 s")
-                break
-            commits.append(time.monotonic())
-            say(f"[{name}] round {r} committed after {time.monotonic() - t0:.1f}s")
+        tell = lambda m: say(f"[{name}] {m}")  # noqa: E731
+        if mode == "async":
+            async_versions(users, store, job, progress, seed, tell)
+        else:
+            sync_rounds(users, store, job, progress, seed, options.get("replays", 0), tell)
         if faulter is not None:
             faulter.join(timeout=120)
     finally:
@@ -327,12 +321,15 @@ def run_scenario(
             proxy.close()
         if slow is not None:
             slow.close()
+    accepted, commits, problems = progress.accepted, progress.commits, progress.problems
     verdict = check_job(store, job, accepted, secret=SECRET.encode())
     dead = _dead_letters(env, job)
     hostile = None
     if options.get("fault") is _attack:
         replays = len(accepted) * options["replays"]
-        hostile = _hostile_counts(run, store, rounds, len(accepted), replays)
+        hostile = attacks.counts(
+            run.answers, store, job, _bootstrap(env), rounds, len(accepted), replays
+        )
         problems += [
             f"hostile upload {name!r} answered {got}, not {want}"
             for name, want, got in run.answers
@@ -383,51 +380,6 @@ def run_scenario(
     )
 
 
-def _hostile_counts(
-    run: Run, store: GcsStore, rounds: int, accepted: int, replays: int
-) -> dict[str, int]:
-    stored = sum(
-        key.rsplit("/", 1)[1].startswith("evil")
-        for r in range(1, rounds + 2)
-        for key in store.list(updates_prefix(run.job, r))
-    )
-    return {
-        "tried": len(run.answers),
-        "as_contract": sum(want == got for _, want, got in run.answers),
-        "5xx": sum(got >= 500 or got == 0 for _, _, got in run.answers),
-        "stored": stored,
-        "replays": replays,
-        "accepted": accepted,
-        "announcements": _announcements(run.env, run.job),
-    }
-
-
-def _post(client: Client, i: int, r: int, seed: int, replays: int = 0) -> bool:
-    """Train (here: a seeded perturbation of the global model) and post; True when accepted.
-    With replays, send the same bytes again that many times (each must be answered 200)."""
-    while True:
-        try:
-            model, version = client.model()
-            if version != r - 1:
-                time.sleep(0.2)
-                continue
-            noise = np.random.default_rng([seed, r, i])
-            update = {
-                k: (v + noise.standard_normal(v.shape)).astype(v.dtype) for k, v in model.items()
-            }
-            n = int(10 + noise.integers(1, 90))
-            answer = client.post_update(r, update, n)
-            for _ in range(replays):
-                again = client.post_update(r, update, n)
-                if again["status"] != "replay":
-                    raise ClientError(200, {"message": f"a replay was answered {again}"})
-            return answer["status"] in ("accepted", "replay")
-        except ClientError as exc:
-            if exc.status == 409:
-                return False
-            raise
-
-
 def _bootstrap(env: ChaosEnv) -> str:
     assert env.kafka is not None
     return env.kafka.bootstrap
@@ -439,12 +391,4 @@ def _dead_letters(env: ChaosEnv, job: str) -> int:
         for data, _ in read_events(
             _bootstrap(env), ["microfl.aggregate.dlq", "microfl.finalize.dlq"]
         )
-    )
-
-
-def _announcements(env: ChaosEnv, job: str) -> int:
-    """update.accepted events published for the job (each accepted update needs one)."""
-    return sum(
-        data.get("job") == job and kind == events.UPDATE_ACCEPTED
-        for data, kind in read_events(_bootstrap(env), ["microfl.finalize"])
     )

@@ -193,10 +193,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from microfl.local.chaos import SCENARIOS, ChaosEnv, run_scenario
+    from microfl.local.chaos import ChaosEnv, run_scenario, scenario_names
 
-    names = list(SCENARIOS) if args.scenario == "all" else ["healthy", args.scenario]
-    names = list(dict.fromkeys(names))
+    names = scenario_names(args.scenario, args.mode)
     work = Path(tempfile.mkdtemp(prefix="microfl-chaos-"))
     print(
         f"starting 3 Kafka nodes (RF 3, min ISR 2) and the GCS emulator in {work} ...", flush=True
@@ -215,13 +214,15 @@ def cmd_chaos(args: argparse.Namespace) -> int:
                     say=lambda m: print(m, flush=True),
                     strategy=args.strategy,
                     strategy_options=_strategy_options(args.strategy_option),
+                    mode=args.mode,
+                    buffer=args.buffer,
                 )
             )
     finally:
         env.stop()
         os.environ.pop("STORAGE_EMULATOR_HOST", None)
     healthy = results[0].model_sha256
-    for res in results[1:]:
+    for res in results[1:] if args.mode == "sync" else ():  # async: who fetched what varies
         res.equals_healthy = res.model_sha256 == healthy
     table = _report_markdown(results)
     print("\n" + table)
@@ -232,6 +233,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
             f"# Fault scenarios\n\nWritten by `microfl chaos {args.scenario} --seed "
             f"{args.seed} --clients {args.clients} --rounds {args.rounds}"
             + "".join(f" {a}" for a in _strategy_args(args))
+            + (f" --mode async --buffer {args.buffer}" if args.mode == "async" else "")
             + "` on "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
             f"Python {platform.python_version()}. Kafka: 3 nodes, RF 3, min ISR 2; storage: "
@@ -397,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="write the Markdown report here")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     add_strategy_arguments(p)
+    p.add_argument("--mode", choices=("sync", "async"), default="sync", help="async: FedBuff")
+    p.add_argument("--buffer", type=int, default=0, help="async: K (default clients - 2)")
     p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser("demo", help="run a real federated training run on the local platform")
