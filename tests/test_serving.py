@@ -118,3 +118,20 @@ def test_an_event_to_a_service_scaled_to_zero_is_delivered_after_a_cold_start(
     with Dispatcher(source) as dispatcher:
         assert wait_for(lambda: dispatcher.counters.delivered == 1, 60)
     assert idle_service.cold_starts == 1 and dispatcher.counters.retried == 0
+
+
+def test_an_instance_still_starting_when_the_service_stops_is_stopped_too(
+        tmp_path: Path, slow_source: Path) -> None:
+    """An instance whose cold start finishes after stop() must not outlive the service (such
+    instances were left running after chaos runs): here the start runs wholly after stop()."""
+    import psutil
+
+    svc = runner(tmp_path, slow_source, min_scale=0, max_scale=1, target=1,
+                 container_concurrency=1).start()
+    svc.stop()
+    svc._starting += 1  # as _spawn does before the start it hands to a thread
+    svc._add_instance()
+    assert svc.instances == [] and svc._starting == 0
+    mine = [p for p in psutil.Process().children(recursive=True)
+            if str(slow_source.parent) in " ".join(p.cmdline())]
+    assert all(p.status() == psutil.STATUS_ZOMBIE for p in mine if p.is_running())

@@ -145,10 +145,14 @@ class ServiceRunner:
                 self._cond.notify_all()
             return
         with self._cond:
-            self.instances.append(_Instance(fn))
             self._starting -= 1
-            self.peak_instances = max(self.peak_instances, len(self.instances))
+            stopped = self._stopping.is_set()  # stop() ran while this one started: not ours
+            if not stopped:
+                self.instances.append(_Instance(fn))
+                self.peak_instances = max(self.peak_instances, len(self.instances))
             self._cond.notify_all()
+        if stopped:
+            fn.stop()
 
     def _spawn(self, count: int) -> None:
         """Start count instances in the background (caller holds the lock)."""
