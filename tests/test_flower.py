@@ -372,3 +372,44 @@ def test_flwr_numpyclient_reaches_the_native_torch_clients_accuracy(
         assert len(record["included"]) == CLIENTS and record["excluded"] == []
     assert theirs[-1] > 0.9
     assert abs(theirs[-1] - ours[-1]) <= 0.01, (theirs, ours)
+
+
+def test_the_flower_client_command_runs_the_example_app(
+    platform: tuple[dict[str, Any], str], flwr_deps: Path
+) -> None:
+    """`microfl flower-client` as a process: the job read from the token, --rounds, the output."""
+    import torch
+
+    from microfl.client.torch import mlp
+
+    state, secret = platform
+    torch.manual_seed(SEED)
+    start = {k: v.numpy().copy() for k, v in mlp().state_dict().items()}
+    job = new_job(state, start, rounds=3, min_clients=1, fan_in=2)
+    command = [sys.executable, "-m", "microfl.local.cli", "flower-client", "--url"]
+    command += [state["ingest_url"], "--token", token(secret, job, "solo"), "--rounds", "2"]
+    command += ["--app", "flower_app:client_fn", "--app-dir", "load", "--evaluate"]
+    command += ["--node-config", "partition-id=3 num-partitions=20", "--config", "local-epochs=1"]
+    done = subprocess.run(
+        command,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO / "functions"), str(flwr_deps)]),
+        },
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(x["round"], x["status"], x["version"]) for x in lines] == [
+        (1, "accepted", 0),
+        (2, "accepted", 1),
+    ]
+    assert set(lines[0]["metrics"]) == {"train_loss", "eval_loss", "eval_accuracy"}
+    assert lines[1]["metrics"]["eval_accuracy"] > lines[0]["metrics"]["eval_accuracy"]
+    assert f"2 update(s) sent to job {job}" in done.stderr
+    assert (
+        Client(state["ingest_url"], job, token(secret, job, None)).job_info()["model_version"] == 2
+    )
