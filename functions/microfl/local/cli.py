@@ -418,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     from microfl.local import stragglers
 
     stragglers.add_arguments(p)  # sets func
+
+    p = sub.add_parser("flower-client", help="run a Flower NumPyClient in a job")
+    from microfl.local import flowercli
+
+    flowercli.add_arguments(p)  # sets func
     return parser
 
 
