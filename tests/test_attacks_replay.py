@@ -364,7 +364,10 @@ def test_creating_a_job_again_is_a_success_and_only_another_spec_exists_already(
 
 
 def test_a_model_0_that_is_not_the_committed_one_is_refused_clearly_and_repaired_by_create(
-    tmp_path: Path, apps: dict[str, Any], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    apps: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """What a racer that stalled past the winner's commit could leave behind."""
     p = Platform(tmp_path, apps)
@@ -379,7 +382,8 @@ def test_a_model_0_that_is_not_the_committed_one_is_refused_clearly_and_repaired
     assert resp.status_code == 500
     assert resp.get_json()["error"] == "configuration_error"
     assert "operator" in resp.get_json()["message"]  # what to do is in the function's log
-    assert f"microfl job create {JOB}" in caplog.text
+    # the function's log: to caplog, or to stderr once logs.install() made it JSON lines
+    assert f"microfl job create {JOB}" in caplog.text + capsys.readouterr().err
 
     with pytest.raises(ConfigError, match="exists already"):
         create_job(p.store, spec, tensors_to_safetensors(initial_model(5)))
