@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from microfl.clientmetrics import MAX_ROUND_NAMES, MetricSums, client_metrics
 from microfl.errors import InvalidUpdate
+from microfl.local.metricsview import CLIENT_HEADER, client_columns, job_lines, job_metrics
 from microfl.rounds import nodes_prefix, update_key
 from microfl.serde import (
     PartialMeta,
@@ -436,3 +437,32 @@ def test_client_metrics_refuses_like_ingest() -> None:
         with pytest.raises(InvalidUpdate, match=r"__metadata__\.metrics"):
             client_metrics({"metrics": raw})
     assert client_metrics({}) == {}
+
+
+# --- on the terminal: the demo's columns, `microfl status` -----------------------------------
+
+
+def test_status_lines_show_each_jobs_latest_round_metrics(
+    tmp_path: Path,
+    apps: dict[str, Any],  # noqa: F811
+) -> None:
+    model = initial_model(10)
+    p = Platform(tmp_path, apps)
+    p.create(model, rounds=3, min_clients=2, fan_in=2)
+    plan = {"a": (model, 30, {"loss": 0.5, "accuracy": 0.75}), "b": (model, 10, {"loss": 0.1})}
+    run(p, 1, plan, None)
+    [job] = job_metrics(p.store)
+    assert job == {
+        "job": JOB,
+        "mode": "sync",
+        "strategy": "fedavg",
+        "model_version": 1,
+        "rounds": 3,
+        "metrics": {"accuracy": 0.75, "loss": 0.4},
+    }
+    assert job_lines([job]) == [f"  {JOB:<24} round 1/3 fedavg       accuracy 0.75, loss 0.4"]
+    assert client_columns(job["metrics"]) == "      0.400      0.750"
+    assert client_columns({}) == client_columns(None) == "          -          -"
+    assert len(client_columns(None)) == len(CLIENT_HEADER)
+    dp = {**job, "strategy": "dp-fedavg", "metrics": None}
+    assert job_lines([dp])[0].endswith("no client metrics (not recorded for this strategy)")
