@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from microfl.clientmetrics import MAX_ROUND_NAMES, MetricSums, client_metrics
 from microfl.errors import InvalidUpdate
+from microfl.exactsum import ExactSum
 from microfl.local.metricsview import CLIENT_HEADER, client_columns, job_lines, job_metrics
 from microfl.rounds import nodes_prefix, update_key
 from microfl.serde import (
@@ -299,6 +300,24 @@ def test_excluded_and_late_updates_do_not_count(
     reasons = {e["client"]: e["reason"] for e in record["excluded"]}
     assert set(reasons) == {"nan", "bad"} and "__metadata__.metrics" in reasons["bad"]
     assert record["metrics"] == exact_means([(n, m) for _, n, m in plan.values()])
+
+
+def test_a_round_whose_aggregate_is_not_finite_reports_no_metrics(
+    tmp_path: Path,
+    apps: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = initial_model(11)
+    p = Platform(tmp_path, apps)
+    p.create(model, rounds=1, min_clients=3, fan_in=2)
+    finish = ExactSum.finish
+    monkeypatch.setattr(
+        ExactSum, "finish", lambda self, w=None: {k: v * np.inf for k, v in finish(self, w).items()}
+    )
+    run(p, 1, plan_for(model, ["a", "b", "c"], 11), None)
+    record = p.record(1)
+    assert record is not None and record["included"] == [] and len(record["excluded"]) == 3
+    assert record["metrics"] == {}  # the metrics of updates the model does not hold
 
 
 @pytest.mark.parametrize(
