@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from microfl.client.torch import (
     StaleModel,
     TorchClient,
     evaluate,
+    fit_local,
     load_into_module,
     mlp,
     tensors_from_module,
@@ -127,6 +129,11 @@ def test_training_is_deterministic_for_a_seed() -> None:
     rng_before = torch.get_rng_state()
     first, again, other = run(3), run(3), run(4)
     assert first == again
+    module = seeded_mlp(123)
+    load_into_module(module, start)
+    fitted = fit_local(module, x, y, epochs=3, lr=0.1, batch_size=16, prox_mu=0.1, seed=3)
+    assert tensors_to_safetensors(tensors_from_module(module)) == first[0], "the same training"
+    assert fitted["loss"] == first[1] and 0.2 < fitted["accuracy"] <= 1
     assert other[0] != first[0], "the seed decides the shuffling"
     module = seeded_mlp(0)
     torch.manual_seed(5)
@@ -201,11 +208,17 @@ def test_torch_clients_train_two_rounds(platform: tuple[LocalRuntime, FileStore]
     clients = [TorchClient(client(rt, job, f"torch-{i}"), mlp()) for i in range(3)]
 
     for r in (1, 2):
+        sent = []
         for i, (tc, (xs, ys)) in enumerate(zip(clients, shards, strict=True)):
             answer = tc.run_round(xs, ys, epochs=5, lr=0.1, prox_mu=0.01, seed=100 * r + i)
             assert (answer["round"], answer["status"]) == (r, "accepted")
-            assert np.isfinite(answer["loss"])
+            assert np.isfinite(answer["loss"]) and answer["metrics"]["loss"] == answer["loss"]
+            assert 0 <= answer["metrics"]["accuracy"] <= 1
+            sent.append(answer["metrics"])
         clients[0].client.wait_for_version(r, timeout=60)
+        # the record averages what the clients reported (200 examples each)
+        expected = {k: float(sum(Fraction(m[k]) * 200 for m in sent) / 600) for k in sent[0]}
+        assert clients[0].client.round(r)["metrics"] == expected
 
     info = clients[0].client.job_info()
     assert (info["model_version"], info["state"]) == (2, "done")

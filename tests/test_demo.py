@@ -42,6 +42,9 @@ def test_chaos_and_pubsub_runs_commit_the_same_models_as_the_healthy_run(tmp_pat
     metrics = json.loads((tmp_path / "healthy" / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert metrics["rounds"][-1]["accuracy"] > metrics["rounds"][0]["accuracy"]
+    for row in metrics["rounds"]:  # the clients' own training loss and accuracy, averaged
+        assert set(row["client_metrics"]) == {"loss", "accuracy"}
+        assert 0 < row["client_metrics"]["accuracy"] <= 1 and row["client_metrics"]["loss"] > 0
     assert 0 < metrics["centralised"]["accuracy"] <= 1
     assert (tmp_path / "healthy" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp_path / "healthy").glob("round-*.json"))) == 3

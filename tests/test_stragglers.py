@@ -142,6 +142,7 @@ def test_async_demo_versions_list_every_accepted_update_once(
 
     assert [row["version"] for row in result.rows] == [1, 2]
     assert all(0 <= row["accuracy"] <= 1 and row["elapsed"] > 0 for row in result.rows)
+    assert all(set(row["client_metrics"]) == {"loss", "accuracy"} for row in result.rows)
     accepted = [uid for c in result.clients for uid in c["accepted"]]
     listed = []
     for v in (1, 2):

@@ -14,6 +14,7 @@ import numpy as np
 
 from microfl import buffers, events, shards
 from microfl.backends import Backends
+from microfl.clientmetrics import MetricSums, client_metrics
 from microfl.errors import JobNotFound, MicroFLError, PoisonEvent, Unavailable
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
@@ -87,14 +88,18 @@ def fold_updates(
     """The partial-sum step, pure: (client, stored bytes or None) in position order folded into
     acc, GROUP at a time; what went in and what was left out, and why. With a clip bound each
     update's delta from the base is clipped first (privacy.clip_update: a function of the
-    update and the base alone, so the sum stays order-independent)."""
+    update and the base alone, so the sum stays order-independent). The metrics of the updates
+    folded are summed exactly (clientmetrics), except under dp-fedavg, whose record must not
+    carry unnoised client information."""
     if clip is not None and base is None:
         raise ValueError("clipping needs the round's base model")
     examples: list[tuple[str, int]] = []
     excluded: list[tuple[str, str]] = []
     unclipped = 0
+    metrics = MetricSums()
     for start in range(0, len(members), GROUP):
         loaded: list[tuple[str, Mapping[str, np.ndarray], int]] = []
+        reported: list[MetricSums] = []
         for client, data in members[start : start + GROUP]:
             if data is None:
                 excluded.append((client, "update object is missing from storage"))
@@ -102,6 +107,7 @@ def fold_updates(
             try:
                 tensors, metadata = tensors_from_safetensors(data)
                 n = validate_update(spec, tensors, metadata, values=False)
+                reported.append(MetricSums.of(_metrics(spec, metadata), n))
             except MicroFLError as exc:
                 excluded.append((client, f"stored update is invalid: {exc}"))
                 continue
@@ -119,8 +125,14 @@ def fold_updates(
             else:
                 examples.append((client, n))
                 unclipped += within[i]
+                metrics += reported[i]
         failpoint("aggregate.mid_fold")
-    return PartialMeta(tuple(examples), tuple(excluded), unclipped)
+    return PartialMeta(tuple(examples), tuple(excluded), unclipped, metrics)
+
+
+def _metrics(spec: JobSpec, metadata: Mapping[str, str]) -> dict[str, float]:
+    """What an update's metrics add to the round: nothing under dp-fedavg (unnoised)."""
+    return {} if spec.strategy == DP else client_metrics(metadata)
 
 
 def _clip_bound(b: Backends, spec: JobSpec, r: int) -> float | None:

@@ -38,6 +38,7 @@ from typing import IO
 import numpy as np
 
 from microfl import events
+from microfl.clientmetrics import MetricSums, client_metrics
 from microfl.errors import InvalidUpdate, MicroFLError, PoisonEvent, RoundNotOpen, StaleUpdate
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
@@ -373,8 +374,10 @@ def fold_deltas(
     examples: list[tuple[str, int]] = []
     excluded: list[tuple[str, str]] = []
     unclipped = 0
+    metrics = MetricSums()
     for start in range(0, len(members), GROUP):
         loaded: list[tuple[str, Tensors, Tensors, float, int, bool]] = []
+        reported: list[MetricSums] = []
         for uid, data in members[start : start + GROUP]:
             base_v = parse_update_id(uid)[1]
             base = model(base_v)
@@ -385,6 +388,7 @@ def fold_deltas(
             try:
                 tensors, metadata = tensors_from_safetensors(data)
                 n = validate_update(spec, tensors, metadata, values=False)
+                reported.append(MetricSums.of(client_metrics(metadata), n))
             except MicroFLError as exc:
                 excluded.append((uid, f"stored update is invalid: {exc}"))
                 continue
@@ -407,5 +411,6 @@ def fold_deltas(
             else:
                 examples.append((uid, n))
                 unclipped += within
+                metrics += reported[i]
         failpoint("aggregate.mid_fold")
-    return PartialMeta(tuple(examples), tuple(excluded), unclipped)
+    return PartialMeta(tuple(examples), tuple(excluded), unclipped, metrics)

@@ -14,12 +14,13 @@ from typing import Any
 from microfl import events, shards, versions
 from microfl.backends import Backends
 from microfl.buffers import Buffers
+from microfl.clientmetrics import MetricSums
 from microfl.errors import JobNotFound, PoisonEvent
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
 from microfl.jobs import JobSpec, check_model, load_job, model_key
 from microfl.models import carry_over, clip_notes, write_model
-from microfl.privacy import fold_weight
+from microfl.privacy import DP, fold_weight
 from microfl.rounds import Rounds, Seal, branch
 from microfl.serde import (
     Event,
@@ -294,6 +295,7 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
         late = sorted(set(rounds.update_clients(r)) - set(sealed.clients))
         excluded += [{"client": c, "reason": f"arrived after round {r} was sealed"} for c in late]
         weight = meta.weight  # the examples clients claimed; the sum's weight is total.weight
+        metrics = meta.metrics
         if weight > 0 and not write_model(
             b.store, spec, r, current, total.finish(total.weight), meta, b.secret
         ):
@@ -302,7 +304,7 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
                 f"{spec.strategy} update); round {r} keeps model {r - 1}"
             )
             excluded += [{"client": c, "reason": why} for c in sorted(examples)]
-            examples, weight = {}, 0
+            examples, weight, metrics = {}, 0, MetricSums()
         if weight == 0:  # nothing usable: the model and its optimiser state carry over
             carry_over(b.store, job, r, _model(rounds, r - 1))
         record: dict[str, Any] = {
@@ -319,6 +321,8 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
             "committed_at": b.clock(),
             **clip_notes(b.store, spec, r, meta),
         }
+        if spec.strategy != DP:  # dp-fedavg: client metrics would leak unnoised (not summed)
+            record["metrics"] = metrics.means()
         announce = rounds.create_record(r, record) or announce
         failpoint("finalize.after_record")
     if announce:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from microfl.clientmetrics import client_metrics
 from microfl.errors import ConfigError, InvalidUpdate, JobNotFound, SchemaMismatch
 from microfl.faults import failpoint
 from microfl.serde import (
@@ -331,6 +332,7 @@ def validate_update(
             f"{spec.max_examples} examples per update; send at most that (its operator sets the "
             "limit with `microfl job create ... --max-examples N`)"
         )
+    client_metrics(metadata)  # optional `metrics`: a JSON object of finite numbers
     expected = {t.name: t for t in spec.schema}
     missing = sorted(set(expected) - set(tensors))
     unknown = sorted(set(tensors) - set(expected))

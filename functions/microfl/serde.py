@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from microfl.clientmetrics import MetricSums
 from microfl.errors import InvalidUpdate, PoisonEvent
 
 __all__ = [
@@ -284,12 +285,14 @@ PARTIAL_FORMAT = "microfl.exactsum.v1"
 @dataclass(frozen=True)
 class PartialMeta:
     """What a node of the aggregation tree sums: the updates folded (client, num_examples) and
-    those left out (client, reason), in position order, and how many of those folded were
-    within the round's clip bound (0 when the strategy does not clip)."""
+    those left out (client, reason), in position order, how many of those folded were
+    within the round's clip bound (0 when the strategy does not clip), and the exact
+    example-weighted sums of the metrics those folded reported (clientmetrics)."""
 
     examples: tuple[tuple[str, int], ...] = ()
     excluded: tuple[tuple[str, str], ...] = ()
     unclipped: int = 0
+    metrics: MetricSums = MetricSums()
 
     @property
     def weight(self) -> int:
@@ -300,21 +303,23 @@ class PartialMeta:
             self.examples + other.examples,
             self.excluded + other.excluded,
             self.unclipped + other.unclipped,
+            self.metrics + other.metrics,
         )
 
 
 def partial_to_safetensors(arrays: Mapping[str, np.ndarray], meta: PartialMeta) -> bytes:
-    """An exact partial sum (exactsum.ExactSum.to_arrays) with its members in __metadata__."""
-    return tensors_to_safetensors(
-        arrays,
-        {
-            "format": PARTIAL_FORMAT,
-            "examples": json.dumps([list(e) for e in meta.examples], separators=(",", ":")),
-            "excluded": json.dumps([list(e) for e in meta.excluded], separators=(",", ":")),
-            "num_examples": str(meta.weight),
-            "unclipped": str(meta.unclipped),
-        },
-    )
+    """An exact partial sum (exactsum.ExactSum.to_arrays) with its members in __metadata__
+    (and its metric sums, when any: a partial without them has the bytes it always had)."""
+    metadata = {
+        "format": PARTIAL_FORMAT,
+        "examples": json.dumps([list(e) for e in meta.examples], separators=(",", ":")),
+        "excluded": json.dumps([list(e) for e in meta.excluded], separators=(",", ":")),
+        "num_examples": str(meta.weight),
+        "unclipped": str(meta.unclipped),
+    }
+    if meta.metrics.sums:
+        metadata["metrics"] = meta.metrics.to_text()
+    return tensors_to_safetensors(arrays, metadata)
 
 
 def partial_from_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], PartialMeta]:
@@ -325,7 +330,8 @@ def partial_from_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], Partia
         raise ValueError(f"not a partial sum of format {PARTIAL_FORMAT}")
     examples = tuple((str(c), int(n)) for c, n in json.loads(metadata["examples"]))
     excluded = tuple((str(c), str(why)) for c, why in json.loads(metadata["excluded"]))
-    meta = PartialMeta(examples, excluded, int(metadata.get("unclipped", "0")))  # older: none
+    metrics = MetricSums.from_text(metadata.get("metrics", "[]"))  # older: no metrics, no unclipped
+    meta = PartialMeta(examples, excluded, int(metadata.get("unclipped", "0")), metrics)
     if meta.weight != int(metadata["num_examples"]):
         raise ValueError("a partial sum's num_examples is not the sum of its examples")
     if not 0 <= meta.unclipped <= len(examples):

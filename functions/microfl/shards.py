@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from microfl import robust
+from microfl.clientmetrics import MetricSums, client_metrics
 from microfl.errors import InvalidUpdate, MicroFLError, PoisonEvent
 from microfl.faults import failpoint
 from microfl.jobs import JobSpec, model_key, validate_update
@@ -117,10 +118,12 @@ def layout(spec: JobSpec, sealed: Seal) -> Layout:
 
 @dataclass(frozen=True)
 class ShardMeta:
-    """What a node counted: (client, num_examples) in the seal's order, and (client, reason)."""
+    """What a node counted: (client, num_examples) in the seal's order, (client, reason), and
+    the counted clients' metric sums (clientmetrics)."""
 
     examples: tuple[tuple[str, int], ...] = ()
     excluded: tuple[tuple[str, str], ...] = ()
+    metrics: MetricSums = MetricSums()
 
 
 def build_shard(store: ObjectStore, spec: JobSpec, r: int, level: int, j: int) -> bool:
@@ -169,6 +172,7 @@ def _read_rows(
     x = np.empty((len(clients), hi - lo), dtype=np.float64)
     examples: list[tuple[str, int]] = []
     excluded: list[tuple[str, str]] = []
+    metrics = MetricSums()
     for client in clients:
         try:
             found = _header(rounds, r, client)
@@ -178,7 +182,7 @@ def _read_rows(
         if found is None:
             excluded.append((client, "update object is missing from storage"))
             continue
-        n, offsets = found
+        n, offsets, reported = found
         row = x[len(examples)]
         for i, first, end in lay.pieces(lo, hi):
             t = lay.spec.schema[i]
@@ -190,15 +194,18 @@ def _read_rows(
             at = lay.starts[i] + first - lo
             row[at : at + end - first] = np.frombuffer(raw, dtype=dtype)
         examples.append((client, n))
+        metrics += MetricSums.of(reported, n)
         failpoint("shards.mid_read")
-    return x[: len(examples)], ShardMeta(tuple(examples), tuple(excluded))
+    return x[: len(examples)], ShardMeta(tuple(examples), tuple(excluded), metrics)
 
 
-def _header(rounds: Rounds, r: int, client: str) -> tuple[int, dict[str, int]] | None:
-    """(num_examples, where each tensor's data starts in the object) from one ranged read of
-    at most 8 + header_limit bytes (and a 2-byte read at the expected end, for the object's
-    size, when it is longer than that); None if the object is missing. The checks are
-    serde's and validate_update's, so the reasons are theirs."""
+def _header(
+    rounds: Rounds, r: int, client: str
+) -> tuple[int, dict[str, int], dict[str, float]] | None:
+    """(num_examples, where each tensor's data starts in the object, its metrics) from one
+    ranged read of at most 8 + header_limit bytes (and a 2-byte read at the expected end, for
+    the object's size, when it is longer than that); None if the object is missing. The
+    checks are serde's and validate_update's, so the reasons are theirs."""
     spec = rounds.spec
     limit = spec.header_limit
     head = rounds.read_update_range(r, client, 0, 8 + limit)
@@ -216,19 +223,19 @@ def _header(rounds: Rounds, r: int, client: str) -> tuple[int, dict[str, int]] |
                 )
     tensors, metadata = tensors_from_safetensors_file(io.BytesIO(head), size, limit)
     n_examples = validate_update(spec, tensors, metadata, values=False)
-    return n_examples, {name: t.begin for name, t in tensors.items()}
+    return n_examples, {name: t.begin for name, t in tensors.items()}, client_metrics(metadata)
 
 
 def _node_to_bytes(values: np.ndarray, meta: ShardMeta, lo: int, hi: int) -> bytes:
-    return tensors_to_safetensors(
-        {"values": values},
-        {
-            "format": FORMAT,
-            "span": f"{lo},{hi}",
-            "examples": json.dumps([list(e) for e in meta.examples], separators=(",", ":")),
-            "excluded": json.dumps([list(e) for e in meta.excluded], separators=(",", ":")),
-        },
-    )
+    metadata = {
+        "format": FORMAT,
+        "span": f"{lo},{hi}",
+        "examples": json.dumps([list(e) for e in meta.examples], separators=(",", ":")),
+        "excluded": json.dumps([list(e) for e in meta.excluded], separators=(",", ":")),
+    }
+    if meta.metrics.sums:
+        metadata["metrics"] = meta.metrics.to_text()
+    return tensors_to_safetensors({"values": values}, metadata)
 
 
 def read_node(rounds: Rounds, r: int, level: int, j: int) -> tuple[np.ndarray, ShardMeta]:
@@ -241,7 +248,8 @@ def read_node(rounds: Rounds, r: int, level: int, j: int) -> tuple[np.ndarray, S
         raise ValueError(f"round {r}: node {level}/{j} is not a shard of format {FORMAT}")
     examples = tuple((str(c), int(n)) for c, n in json.loads(metadata["examples"]))
     excluded = tuple((str(c), str(why)) for c, why in json.loads(metadata["excluded"]))
-    return tensors["values"], ShardMeta(examples, excluded)
+    metrics = MetricSums.from_text(metadata.get("metrics", "[]"))  # older nodes: none
+    return tensors["values"], ShardMeta(examples, excluded, metrics)
 
 
 # --- finalize's side ---------------------------------------------------------------------------
@@ -318,6 +326,8 @@ def commit(rounds: Rounds, sealed: Seal, now: float) -> bool | None:
             raise PoisonEvent(f"job {spec.job!r} has no model version {r - 1}")
         rounds.store.create(model_key(spec.job, r), previous)
     examples = {c: n for c, n in meta.examples if c in set(included)}
+    # every counted update's metrics, Krum's unselected ones too (`included`, as for examples)
+    extra["metrics"] = meta.metrics.means() if included else {}
     record: dict[str, Any] = {
         "job": spec.job,
         "round": r,

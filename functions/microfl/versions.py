@@ -110,5 +110,7 @@ def _record(
         "strategy": spec.strategy,
         "staleness_exponent": spec.staleness_exponent,
         "committed_at": now,
+        # weighted by num_examples (not staleness), over the updates in the model
+        "metrics": meta.metrics.means() if examples else {},
         **notes,
     }

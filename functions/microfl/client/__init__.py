@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from microfl.clientmetrics import metrics_to_text
 from microfl.serde import tensors_from_safetensors, tensors_to_safetensors
 
 __all__ = ["Client", "ClientError", "JobDone"]
@@ -73,19 +74,29 @@ class Client:
         return {k: v.copy() for k, v in tensors.items()}, int(resp.headers["MicroFL-Model-Version"])
 
     def post_update(
-        self, r: int, tensors: Mapping[str, np.ndarray], num_examples: int
+        self,
+        r: int,
+        tensors: Mapping[str, np.ndarray],
+        num_examples: int,
+        metrics: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
-        body = tensors_to_safetensors(tensors, {"num_examples": str(num_examples)})
+        """Round r's update; `metrics` (finite numbers by name, e.g. the local training loss)
+        go into the round record's example-weighted means."""
+        body = tensors_to_safetensors(tensors, _metadata(num_examples, metrics))
         resp = self._request("POST", f"/v1/jobs/{self.job}/rounds/{r}/updates", data=body)
         return dict(resp.json())
 
     def post_async_update(
-        self, tensors: Mapping[str, np.ndarray], num_examples: int, base_version: int
+        self,
+        tensors: Mapping[str, np.ndarray],
+        num_examples: int,
+        base_version: int,
+        metrics: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
         """An async job's update trained on model version `base_version`: the answer names the
         version buffer it counts in. A 409 `stale` ClientError means versions moved more than
         max_staleness past the base: fetch the latest model and train again."""
-        meta = {"num_examples": str(num_examples), "base_version": str(base_version)}
+        meta = _metadata(num_examples, metrics) | {"base_version": str(base_version)}
         body = tensors_to_safetensors(tensors, meta)
         resp = self._request("POST", f"/v1/jobs/{self.job}/updates", data=body)
         return dict(resp.json())
@@ -97,13 +108,17 @@ class Client:
         return self._mode
 
     def post_trained(
-        self, tensors: Mapping[str, np.ndarray], num_examples: int, trained_on: int
+        self,
+        tensors: Mapping[str, np.ndarray],
+        num_examples: int,
+        trained_on: int,
+        metrics: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
         """Post an update trained on model version `trained_on` the way the job's mode takes it:
         to round trained_on + 1 (sync) or with base_version trained_on (async)."""
         if self.mode() == "async":
-            return self.post_async_update(tensors, num_examples, trained_on)
-        return self.post_update(trained_on + 1, tensors, num_examples)
+            return self.post_async_update(tensors, num_examples, trained_on, metrics)
+        return self.post_update(trained_on + 1, tensors, num_examples, metrics)
 
     def round(self, r: int) -> dict[str, Any]:
         return dict(self._request("GET", f"/v1/jobs/{self.job}/rounds/{r}").json())
@@ -135,6 +150,13 @@ class Client:
         raise TimeoutError(
             f"job {self.job} did not reach model version {version} in {timeout:.0f}s"
         )
+
+
+def _metadata(num_examples: int, metrics: Mapping[str, float] | None) -> dict[str, str]:
+    meta = {"num_examples": str(num_examples)}
+    if metrics:
+        meta["metrics"] = metrics_to_text(metrics)
+    return meta
 
 
 def _json(resp: requests.Response) -> dict[str, Any]:

@@ -8,6 +8,7 @@ when the data are non-IID."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ __all__ = [
     "Tamper",
     "TorchClient",
     "evaluate",
+    "fit_local",
     "load_into_module",
     "mlp",
     "tensors_from_module",
@@ -87,6 +89,24 @@ def train_local(
     """SGD on cross-entropy for `epochs` passes; the last epoch's mean cross-entropy (without the
     proximal term). The same seed, data and start weights give the same weights, bit for bit;
     the global RNG is seeded inside torch.random.fork_rng, so callers' RNG state is untouched."""
+    return fit_local(
+        module, x, y, epochs=epochs, lr=lr, batch_size=batch_size, prox_mu=prox_mu, seed=seed
+    )["loss"]
+
+
+def fit_local(
+    module: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 32,
+    prox_mu: float = 0.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """train_local, reporting the last epoch's training "loss" and "accuracy" (on the batches
+    as they were trained): the metrics a client sends with its update."""
     if epochs < 1 or lr <= 0 or batch_size < 1 or prox_mu < 0:
         raise ValueError("need epochs >= 1, lr > 0, batch_size >= 1 and prox_mu >= 0")
     if len(x) != len(y) or len(y) == 0:
@@ -97,15 +117,16 @@ def train_local(
     optimizer = torch.optim.SGD(params, lr=lr)
     shuffle = torch.Generator().manual_seed(seed)
     module.train()
-    total = 0.0
+    total, correct = 0.0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout and other in-model randomness
         for _ in range(epochs):
-            total = 0.0
+            total, correct = 0.0, 0
             order = torch.randperm(len(labels), generator=shuffle).to(labels.device)
             for i in order.split(batch_size):
                 optimizer.zero_grad()
-                loss = F.cross_entropy(module(inputs[i]), labels[i])
+                logits = module(inputs[i])
+                loss = F.cross_entropy(logits, labels[i])
                 objective = loss
                 if prox_mu > 0:
                     drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start, strict=True))
@@ -113,7 +134,8 @@ def train_local(
                 objective.backward()
                 optimizer.step()
                 total += loss.item() * len(i)
-    return total / len(labels)
+                correct += int((logits.detach().argmax(dim=1) == labels[i]).sum().item())
+    return {"loss": total / len(labels), "accuracy": correct / len(labels)}
 
 
 def evaluate(module: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -176,13 +198,13 @@ class TorchClient:
 
     def _train(
         self, tensors: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, **options: Any
-    ) -> float:
+    ) -> dict[str, float]:
         load_into_module(self.module, tensors)
         start = time.perf_counter()
-        loss = train_local(self.module, x, y, **options)
+        metrics = fit_local(self.module, x, y, **options)
         took = time.perf_counter() - start
         time.sleep(max(0.0, self.slowdown * max(took, self.step_time) - took))
-        return loss
+        return metrics
 
     def run_round(
         self,
@@ -196,9 +218,10 @@ class TorchClient:
         tamper: Tamper | None = None,
     ) -> dict[str, Any]:
         """Train the open round on the global model and post the update; the server's answer
-        with "round" and the local "loss". Raises StaleModel if the model is not version r-1.
-        `tamper` (experiments only: microfl.local.byzantine) maps (global model, trained tensors,
-        num_examples) to what is posted instead."""
+        with "round", the local "loss" and the "metrics" posted with it (training loss and
+        accuracy, which the round record averages). Raises StaleModel if the model is not
+        version r-1. `tamper` (experiments only: microfl.local.byzantine) maps (global model,
+        trained tensors, num_examples) to what is posted instead."""
         tensors, version = self.client.model()
         r = self.client.job_info()["open_round"]
         if r is None or version != r - 1:
@@ -207,12 +230,12 @@ class TorchClient:
                 f"{r}; fetch the model again"
             )
         options = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "prox_mu": prox_mu}
-        loss = self._train(tensors, x, y, seed=seed, **options)
+        metrics = self._train(tensors, x, y, seed=seed, **options)
         update, num_examples = tensors_from_module(self.module), len(y)
         if tamper is not None:
             update, num_examples = tamper(tensors, update, num_examples)
-        answer = self.client.post_update(r, update, num_examples)
-        return {**answer, "round": r, "loss": loss}
+        answer = self.client.post_update(r, update, num_examples, _finite(metrics))
+        return {**answer, "round": r, "loss": metrics["loss"], "metrics": metrics}
 
     def run_async(
         self,
@@ -238,12 +261,14 @@ class TorchClient:
             if self.last_base >= 0:
                 self.client.wait_for_version(self.last_base + 1, timeout=3600.0, poll=poll)
             tensors, version = self.client.model()
-            loss = self._train(tensors, x, y, seed=seed, **options)
+            metrics = self._train(tensors, x, y, seed=seed, **options)
             update, num_examples = tensors_from_module(self.module), len(y)
             if tamper is not None:
                 update, num_examples = tamper(tensors, update, num_examples)
             try:
-                answer = self.client.post_async_update(update, num_examples, version)
+                answer = self.client.post_async_update(
+                    update, num_examples, version, _finite(metrics)
+                )
             except ClientError as exc:
                 error = exc.body.get("error")
                 if exc.status == 409 and error == "round_not_open":
@@ -253,4 +278,9 @@ class TorchClient:
                     continue
                 raise
             self.last_base = version
-            return {**answer, "loss": loss, "stale_retries": stale}
+            return {**answer, "loss": metrics["loss"], "metrics": metrics, "stale_retries": stale}
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics the server takes: a diverged training's NaN loss is left out, not sent."""
+    return {name: v for name, v in metrics.items() if math.isfinite(v)}

@@ -94,11 +94,14 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import psutil
 
+    from microfl.local.metricsview import job_lines, job_metrics
     from microfl.local.platform import read_state
 
     state = read_state() or {"processes": []}
     for p in state["processes"]:
         p["alive"] = psutil.pid_exists(p["pid"])
+    if state["processes"]:  # each job's latest round and its client metrics
+        state["jobs"] = job_metrics(_store())
     if args.json:
         print(json.dumps(state, indent=2))
     elif not state["processes"]:
@@ -109,6 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             port = f"127.0.0.1:{p['port']}" if p["port"] else "-"
             print(f"{p['role']:<16} {mark:<4} pid {p['pid']:<8} {port}")
         print(f"ingest URL: {state['ingest_url']}")
+        print("\n".join(["jobs:", *job_lines(state["jobs"])]) if state["jobs"] else "no jobs")
     return 0
 
 

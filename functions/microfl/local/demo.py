@@ -40,6 +40,7 @@ from microfl.local.demo_clients import (
 from microfl.local.demo_config import DemoConfig, DemoResult
 from microfl.local.demo_versions import HEADER, run_versions
 from microfl.local.jobargs import add_async_arguments, add_strategy_arguments, strategy_options
+from microfl.local.metricsview import CLIENT_HEADER, client_columns
 
 __all__ = [
     "DemoConfig",
@@ -205,7 +206,8 @@ def train_on(
         + (
             HEADER
             if versions
-            else f"{'round':>5} {'accuracy':>9} {'loss':>7} {'updates':>8} {'time s':>7}"
+            else f"{'round':>5} {'accuracy':>9} {'loss':>7} {'updates':>8} {'time s':>7} "
+            + CLIENT_HEADER
         ),
         flush=True,
     )
@@ -245,12 +247,13 @@ def train_on(
                     "excluded": len(record["excluded"]),
                     "seconds": round(time.monotonic() - start, 3),
                     "elapsed": round(float(record["committed_at"]) - started, 3),
+                    "client_metrics": record.get("metrics"),  # clients' own, example-weighted
                 }
             )
             _clear_progress()
             print(
                 f"{r:>5} {acc:>9.3f} {loss:>7.3f} {len(record['included']):>8} "
-                f"{rows[-1]['seconds']:>7.2f}",
+                f"{rows[-1]['seconds']:>7.2f} {client_columns(record.get('metrics'))}",
                 flush=True,
             )
     if chaos is not None:

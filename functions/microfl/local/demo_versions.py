@@ -11,19 +11,24 @@ from typing import TYPE_CHECKING, Any
 
 from microfl.client import Client
 from microfl.local.demo_clients import Member, run_clients
+from microfl.local.metricsview import CLIENT_HEADER, client_columns
 
 if TYPE_CHECKING:
     from microfl.local.demo_config import DemoConfig
 
 __all__ = ["HEADER", "row_line", "run_versions"]
 
-HEADER = f"{'version':>7} {'accuracy':>9} {'loss':>7} {'updates':>8} {'stale':>6} {'at s':>7}"
+HEADER = (
+    f"{'version':>7} {'accuracy':>9} {'loss':>7} {'updates':>8} {'stale':>6} {'at s':>7} "
+    + CLIENT_HEADER
+)
 
 
 def row_line(row: dict[str, Any]) -> str:
     return (
         f"{row['version']:>7} {row['accuracy']:>9.3f} {row['loss']:>7.3f} {row['included']:>8} "
-        f"{row['mean_staleness']:>6.2f} {row['elapsed']:>7.2f}"
+        f"{row['mean_staleness']:>6.2f} {row['elapsed']:>7.2f} "
+        + client_columns(row.get("client_metrics"))
     )
 
 
@@ -68,6 +73,7 @@ def run_versions(
                 "mean_staleness": sum(staleness) / max(1, len(staleness)),
                 "seconds": round(at - last, 3),
                 "elapsed": round(at - started, 3),
+                "client_metrics": record.get("metrics"),
             }
         )
         last = at
