@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from microfl import buffers, events, shards
+from microfl import buffers, events, prometheus, shards
 from microfl.backends import Backends
 from microfl.clientmetrics import MetricSums, client_metrics
 from microfl.errors import JobNotFound, MicroFLError, PoisonEvent, Unavailable
@@ -62,6 +62,7 @@ def build_node(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
     if level < 0 or j < 0:
         raise PoisonEvent(f"round {r} has no node {j} at level {level}")
     if not rounds.node_exists(r, level, j):
+        start = time.perf_counter()
         # an async job's buffers sum deltas on model 0's grid (buffers.grid_base)
         zero = buffers.model_zero(rounds) if spec.is_async else None
         base = buffers.grid_base(rounds, zero) if zero is not None else _base(rounds, spec, r)
@@ -74,6 +75,7 @@ def build_node(b: Backends, spec: JobSpec, r: int, level: int, j: int) -> None:
         else:
             meta = _merge_children(rounds, acc, base, r, level, j)
         rounds.create_node(r, level, j, partial_to_safetensors(acc.to_arrays(), meta))
+        prometheus.node_built(level, base, meta.examples, start)
         failpoint("aggregate.after_partial")
     b.bus.publish([events.partial_ready(spec.job, r, level, j)], key=spec.job)
 

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
+from microfl import prometheus
 from microfl.errors import BusUnavailable
 from microfl.events import topic_of
 from microfl.serde import Event, event_to_http, event_to_kafka
@@ -73,6 +74,7 @@ class KafkaBus(EventBus):
                 f"Kafka at {self.bootstrap} did not acknowledge "
                 f"{left + len(errors)} event(s): {'; '.join(errors[:3])}"
             )
+        prometheus.published([e.type for e in events])
 
 
 class PubSubBus(EventBus):
@@ -125,6 +127,7 @@ class PubSubBus(EventBus):
             raise BusUnavailable(
                 f"Pub/Sub did not acknowledge {len(errors)} event(s): {'; '.join(errors[:3])}"
             )
+        prometheus.published([e.type for e in events])
 
 
 class MemoryBus(EventBus):
@@ -135,3 +138,4 @@ class MemoryBus(EventBus):
 
     def publish(self, events: Sequence[Event], key: str) -> None:
         self.events.extend((topic_of(e), e, key) for e in events)
+        prometheus.published([e.type for e in events])

@@ -8,10 +8,11 @@ the scheduled sweep list a round's keys once."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from microfl import events, shards, versions
+from microfl import events, prometheus, shards, versions
 from microfl.backends import Backends
 from microfl.buffers import Buffers
 from microfl.clientmetrics import MetricSums
@@ -145,6 +146,7 @@ def seal(
     """Seal round r if it is open and has quorum or is past its deadline (or a sealer decided
     and died), then request what the tree still lacks. Only the call that writes the seal
     requests; later calls leave a sealed round to the events and the sweep."""
+    start = time.perf_counter()
     rounds = Rounds(b.store, spec)
     sealed = rounds.seal(r)
     if sealed is not None:
@@ -168,6 +170,7 @@ def seal(
     sealed, created = rounds.create_seal(candidate)
     failpoint("finalize.after_seal")
     if created:
+        prometheus.since(prometheus.SEAL_SECONDS, start)
         _advance(b, rounds, sealed, resend=False)
     return sealed
 
@@ -257,6 +260,7 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
     """Merge the top of sealed round r's tree (at most fan_in nodes) into model r, once; True
     when r is committed. round.committed is announced by the call that writes the record (or
     when asked)."""
+    start = time.perf_counter()
     job = spec.job
     rounds = Rounds(b.store, spec)
     if spec.is_async:
@@ -325,6 +329,7 @@ def commit(b: Backends, spec: JobSpec, r: int, announce: bool = False) -> bool:
             record["metrics"] = metrics.means()
         announce = rounds.create_record(r, record) or announce
         failpoint("finalize.after_record")
+        prometheus.since(prometheus.COMMIT_SECONDS, start)
     if announce:
         b.bus.publish([events.round_committed(job, r)], key=job)
     return True

@@ -17,7 +17,7 @@ import flask
 from microfl import aggregate as aggregate_service
 from microfl import finalize as finalize_service
 from microfl import ingest as ingest_service
-from microfl import logs
+from microfl import logs, prometheus
 from microfl.backends import Backends, backends_from_env, check_env
 from microfl.errors import BadRequest, ConfigError, EventTooLarge, Unauthorized, http_error
 from microfl.serde import Event, event_from_http
@@ -89,6 +89,7 @@ def _event_context(event: Event) -> dict[str, Any]:
 
 ROUTES: list[tuple[str, str, str]] = [
     ("GET", r"/healthz", "healthz"),
+    ("GET", r"/metrics", "metrics"),
     ("GET", r"/v1/jobs/(?P<job>[^/]+)", "job"),
     ("GET", r"/v1/jobs/(?P<job>[^/]+)/model", "model"),
     ("POST", r"/v1/jobs/(?P<job>[^/]+)/rounds/(?P<round>[0-9]{1,9})/updates", "update"),
@@ -112,10 +113,13 @@ def ingest(request: flask.Request) -> Response:
                     },
                 )
             try:
-                return _ingest_route(name, request, match.groupdict())
+                answer = _ingest_route(name, request, match.groupdict())
             except Exception as exc:
                 job, r = match.groupdict().get("job"), match.groupdict().get("round")
-                return _error(exc, {"job": job, "round": None if r is None else int(r)})
+                answer = _error(exc, {"job": job, "round": None if r is None else int(r)})
+            if name in ("update", "async_update"):
+                prometheus.upload(answer[1])
+            return answer
     return not_found(request)
 
 
@@ -128,6 +132,8 @@ def not_found(request: flask.Request) -> Response:
 def _ingest_route(name: str, request: flask.Request, params: dict[str, str]) -> Response:
     if name == "healthz":
         return _json(200, {"status": "ok"})
+    if name == "metrics":
+        return prometheus.exposition()
     job = params["job"]
     if not valid_id(job):
         raise BadRequest(f"job id {job!r} is not valid: 1-64 letters, digits, '.', '_', '-'")
@@ -164,6 +170,8 @@ def _ingest_route(name: str, request: flask.Request, params: dict[str, str]) -> 
 def _event_function(handle: Callable[[Backends, Any], None]) -> Callable[[flask.Request], Response]:
     def endpoint(request: flask.Request) -> Response:
         logs.install()
+        if request.method == "GET" and request.path == "/metrics":
+            return prometheus.exposition()
         if request.method != "POST":
             return _json(
                 405,
@@ -183,7 +191,9 @@ def _event_function(handle: Callable[[Backends, Any], None]) -> Callable[[flask.
             context = _event_context(event)
             handle(b, event)
         except Exception as exc:
-            return _error(exc, context, event=True)
+            answer = _error(exc, context, event=True)
+            prometheus.event_refused(context.get("type"), answer[1])
+            return answer
         LOG.info("handled %s", event.type, extra=context)
         return _json(200, {"status": "done", "id": event.id})
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-from microfl import events
+from microfl import events, prometheus
 from microfl.backends import Backends
 from microfl.buffers import Buffers, base_version, update_id
 from microfl.errors import (
@@ -287,6 +287,7 @@ def _spooled(
         size = 0
         while chunk := read_body(min(BLOCK, limit + 1 - size)):
             size += len(chunk)
+            prometheus.upload_bytes(len(chunk))
             if size > limit:
                 raise UpdateTooLarge(f"update is larger than job {job!r}'s limit of {limit} bytes")
             spool.write(chunk)
