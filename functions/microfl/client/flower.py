@@ -29,7 +29,6 @@ metrics with the update as `eval_loss` and `eval_<name>`. Metrics sent: `__metad
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -41,7 +40,6 @@ from typing import Any
 import numpy as np
 
 from microfl.client import Client, ClientError, JobDone
-from microfl.serde import tensors_to_safetensors
 
 __all__ = ["FlowerRunner", "finite_metrics", "numpy_client", "tensor_order"]
 
@@ -224,18 +222,9 @@ class FlowerRunner:
         }
 
     def _post(self, trained: dict[str, Any], version: int) -> dict[str, Any]:
-        """Client.post_update / post_async_update with `metrics` in __metadata__ too (the same
-        request; Client's retries and errors)."""
-        meta = {"num_examples": str(trained["num_examples"])}
-        if trained["metrics"]:
-            meta["metrics"] = json.dumps(trained["metrics"], sort_keys=True, separators=(",", ":"))
-        if self.client.mode() == "async":
-            meta["base_version"] = str(version)
-            path = f"/v1/jobs/{self.client.job}/updates"
-        else:
-            path = f"/v1/jobs/{self.client.job}/rounds/{version + 1}/updates"
-        body = tensors_to_safetensors(trained["tensors"], meta)
-        return dict(self.client._request("POST", path, data=body).json())
+        return self.client.post_trained(
+            trained["tensors"], trained["num_examples"], version, trained["metrics"] or None
+        )
 
     def step(self) -> dict[str, Any]:
         """Train on the global model and post the update: the server's answer with "version"
