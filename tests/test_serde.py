@@ -213,7 +213,7 @@ MALFORMED = {
     "tensor entry not an object": raw_file({"a": [1, 2]}),
     "unknown dtype": raw_file({"a": entry("F128", [4], [0, 16])}, GOOD_DATA),
     "lowercase dtype": raw_file({"a": entry("f32", [4], [0, 16])}, GOOD_DATA),
-    "BF16": raw_file({"a": entry("BF16", [8], [0, 16])}, GOOD_DATA),
+    "BF16 sized as F32": raw_file({"a": entry("BF16", [4], [0, 16])}, GOOD_DATA),
     "missing dtype": raw_file({"a": {"shape": [4], "data_offsets": [0, 16]}}, GOOD_DATA),
     "negative shape": raw_file({"a": entry("F32", [-4], [0, 16])}, GOOD_DATA),
     "float shape": raw_file({"a": entry("F32", [4.0], [0, 16])}, GOOD_DATA),

@@ -14,6 +14,7 @@ import numpy as np
 
 from microfl import buffers, events, shards
 from microfl.backends import Backends
+from microfl.compress import Tensor, decode
 from microfl.errors import JobNotFound, MicroFLError, PoisonEvent, Unavailable
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
@@ -93,7 +94,7 @@ def fold_updates(
     excluded: list[tuple[str, str]] = []
     unclipped = 0
     for start in range(0, len(members), GROUP):
-        loaded: list[tuple[str, Mapping[str, np.ndarray], int]] = []
+        loaded: list[tuple[str, Mapping[str, Tensor], int]] = []
         for client, data in members[start : start + GROUP]:
             if data is None:
                 excluded.append((client, "update object is missing from storage"))
@@ -104,7 +105,7 @@ def fold_updates(
             except MicroFLError as exc:
                 excluded.append((client, f"stored update is invalid: {exc}"))
                 continue
-            loaded.append((client, tensors, n))
+            loaded.append((client, decode(tensors, base), n))  # int8 deltas: from the base
         within = [False] * len(loaded)
         if clip is not None and base is not None:
             for i, (client, update, n) in enumerate(loaded):

@@ -38,6 +38,7 @@ from typing import IO
 import numpy as np
 
 from microfl import events
+from microfl.compress import Tensor, decode, delta
 from microfl.errors import InvalidUpdate, MicroFLError, PoisonEvent, RoundNotOpen, StaleUpdate
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
@@ -378,11 +379,12 @@ def fold_deltas(
                 excluded.append((uid, f"stored update is invalid: {exc}"))
                 continue
             within = False
+            update: Mapping[str, Tensor] = decode(tensors, base)  # int8: deltas from base
             if clip is not None:
-                tensors, within = clip_update(tensors, base, clip)
+                update, within = clip_update(update, base, clip)
             w = staleness_weight(r - 1 - base_v, spec.staleness_exponent)
             with np.errstate(all="ignore"):  # a non-finite delta is refused by the fold
-                y = {k: np.subtract(x, base[k], dtype=np.float64) * w for k, x in tensors.items()}
+                y = {k: delta(x, base[k]) * w for k, x in update.items()}
             loaded.append((uid, y, n, within))
         refused = dict(acc.fold_many([y for _, y, _, _ in loaded], [n for _, _, n, _ in loaded]))
         for i, (uid, _, n, within) in enumerate(loaded):

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from microfl.compress import BF16, Q8, Q8_BLOCK, Tensor, bf16_to_f32, widen
 from microfl.errors import InvalidUpdate
 
 __all__ = ["MAX_UPDATES", "ExactSum", "ValueOutOfRange"]
@@ -51,9 +52,8 @@ class ValueOutOfRange(InvalidUpdate):
     """An update value is NaN, Inf, or too far beyond the base model's scale to sum exactly."""
 
 
-def _fold_np(hi: np.ndarray, lo: np.ndarray, x: np.ndarray, c: float, xlim: float) -> int:
-    """The kernel, in numpy: lo += r, hi += h for y = rint(x * c) = h * 2**56 + r."""
-    v = x.astype(np.float64)
+def _fold_np(hi: np.ndarray, lo: np.ndarray, v: np.ndarray, c: float, xlim: float) -> int:
+    """The kernel, in numpy: lo += r, hi += h for y = rint(v * c) = h * 2**56 + r (v float64)."""
     ok = np.abs(v) < xlim
     bad = int(v.size - np.count_nonzero(ok))
     y = np.rint(np.where(ok, v, 0.0) * c)
@@ -69,6 +69,17 @@ def _carry_np(hi: np.ndarray, lo: np.ndarray) -> None:
     hi += carry
 
 
+def _values_np(x: Any, start: int, stop: int) -> np.ndarray:
+    """Elements [start, stop) of a flat update as float64, exactly as the numba loops read them:
+    F32/F64 widened, F16/BF16 through their 65536-entry table, int8 codes dequantised."""
+    if isinstance(x, Q8):
+        scales = x.scales[np.arange(start, stop) // Q8_BLOCK].astype(np.float64)
+        return x.base[start:stop].astype(np.float64) + x.codes[start:stop] * scales
+    if x.dtype in _TABLES:
+        return _table(x.dtype)[x[start:stop].view(np.uint16)]
+    return x[start:stop].astype(np.float64)
+
+
 def _group_np(
     hi: np.ndarray, lo: np.ndarray, xs: tuple, cs: np.ndarray, xlim: float, bad: np.ndarray
 ) -> None:
@@ -76,7 +87,7 @@ def _group_np(
         stop = min(start + BLOCK, hi.size)
         for k in range(len(xs)):
             if bad[k] < 0 and _fold_np(
-                hi[start:stop], lo[start:stop], xs[k][start:stop], cs[k], xlim
+                hi[start:stop], lo[start:stop], _values_np(xs[k], start, stop), cs[k], xlim
             ):
                 bad[k] = stop
         _carry_np(hi[start:stop], lo[start:stop])
@@ -107,32 +118,125 @@ def _group_loop(hi, lo, xs, cs, xlim, bad):  # type: ignore[no-untyped-def]
             hi[i] += carry
 
 
+def _half_loop(hi, lo, xs, table, cs, xlim, bad):  # type: ignore[no-untyped-def]
+    """_group_loop for F16/BF16 updates (as uint16 bits): each value is table[bits], exact."""
+    for start in range(0, hi.size, BLOCK):
+        stop = min(start + BLOCK, hi.size)
+        for k in range(len(xs)):
+            if bad[k] >= 0:
+                continue
+            hs, ls, x, c, refused = hi[start:stop], lo[start:stop], xs[k][start:stop], cs[k], 0
+            for i in range(x.size):
+                v = table[x[i]]
+                ok = abs(v) < xlim
+                refused += 0 if ok else 1
+                y = np.rint((v if ok else 0.0) * c)
+                h = np.rint(y * _IR)
+                ls[i] += np.int64(y - h * _R)
+                hs[i] += np.int64(h)
+            if refused:
+                bad[k] = stop
+        for i in range(start, stop):
+            carry = lo[i] >> LIMB
+            lo[i] &= _MASK
+            hi[i] += carry
+
+
+def _q8_loop(hi, lo, codes, scales, bases, cs, xlim, bad):  # type: ignore[no-untyped-def]
+    """_group_loop for int8 deltas: value = base + code * scale of its block, in float64, one
+    element at a time (no dequantised copy of the update)."""
+    for start in range(0, hi.size, BLOCK):
+        stop = min(start + BLOCK, hi.size)
+        for k in range(len(codes)):
+            if bad[k] >= 0:
+                continue
+            q, s, b, c, refused = codes[k], scales[k], bases[k], cs[k], 0
+            for i in range(start, stop):
+                v = np.float64(b[i]) + np.float64(q[i]) * np.float64(s[i // _Q8])
+                ok = abs(v) < xlim
+                refused += 0 if ok else 1
+                y = np.rint((v if ok else 0.0) * c)
+                h = np.rint(y * _IR)
+                lo[i] += np.int64(y - h * _R)
+                hi[i] += np.int64(h)
+            if refused:
+                bad[k] = stop
+        for i in range(start, stop):
+            carry = lo[i] >> LIMB
+            lo[i] &= _MASK
+            hi[i] += carry
+
+
+_Q8 = Q8_BLOCK
+_TABLES = (np.dtype(np.float16), BF16)
+
+
 @functools.cache
-def _kernel() -> Callable[..., None] | None:
-    """_group_loop compiled by numba (or loaded from its cache) on the first fold. Only
+def _table(dtype: np.dtype) -> np.ndarray:
+    """Every F16 or BF16 value by its bits, as float64 (exact): 512 KiB, built once."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    wide = bf16_to_f32(bits) if dtype == BF16 else bits.view(np.float16)
+    with np.errstate(invalid="ignore"):  # signalling NaNs stay NaN
+        table = wide.astype(np.float64)
+    table.flags.writeable = False
+    return table
+
+
+@functools.cache
+def _kernel(name: str = "float") -> Callable[..., None] | None:
+    """A group loop compiled by numba (or loaded from its cache) on the first fold. Only
     aggregate folds, so ingest and finalize never load numba (it adds ~180 MiB to a process);
     without numba the numpy path gives the same bytes, more slowly."""
     try:
         from numba import njit
     except ImportError:  # pragma: no cover
         return None
-    return njit(nogil=True, cache=True)(_group_loop)
+    loop: Any = {"float": _group_loop, "half": _half_loop, "q8": _q8_loop}[name]
+    return njit(nogil=True, cache=True)(loop)
 
 
-def _group(hi: np.ndarray, lo: np.ndarray, xs: tuple, cs: np.ndarray, xlim: float) -> np.ndarray:
+def _kind(x: Any) -> tuple:
+    """Updates a kernel takes together (numba needs one type per tuple)."""
+    if isinstance(x, Q8):
+        return ("q8", x.base.dtype)
+    return ("half" if x.dtype in _TABLES else "float", x.dtype)
+
+
+def _group(
+    hi: np.ndarray, lo: np.ndarray, xs: tuple, cs: np.ndarray, xlim: float, numba: bool = True
+) -> np.ndarray:
     """Fold a group of flat updates of one tensor; bad[k] >= 0: update k refused, folded into
-    elements [0, bad[k]) (the caller rolls that back)."""
+    elements [0, bad[k]) (the caller rolls that back). Updates of different encodings go
+    through their own loop; integer addition makes the order irrelevant."""
     bad = np.full(len(xs), -1, dtype=np.int64)
-    kernel = _kernel() if xs[0].dtype in (np.float32, np.float64) else None
-    if kernel is not None:
-        kernel(hi, lo, xs, cs, xlim, bad)
-    else:
-        _group_np(hi, lo, xs, cs, xlim, bad)
+    kinds: dict[tuple, list[int]] = {}
+    for k, x in enumerate(xs):
+        kinds.setdefault(_kind(x), []).append(k)
+    for (kind, dtype), ks in kinds.items():
+        part = tuple(xs[k] for k in ks)
+        sub = np.full(len(ks), -1, dtype=np.int64)
+        compiled = kind != "float" or dtype in (np.float32, np.float64)
+        kernel = _kernel(kind) if numba and compiled else None
+        if kernel is None:
+            _group_np(hi, lo, part, cs[ks], xlim, sub)
+        elif kind == "q8":
+            codes = tuple(q.codes for q in part)
+            scales = tuple(q.scales for q in part)
+            kernel(hi, lo, codes, scales, tuple(q.base for q in part), cs[ks], xlim, sub)
+        elif kind == "half":
+            bits = tuple(x.view(np.uint16) for x in part)
+            kernel(hi, lo, bits, _table(dtype), cs[ks], xlim, sub)
+        else:
+            kernel(hi, lo, part, cs[ks], xlim, sub)
+        bad[ks] = sub
     return bad
 
 
-def _flat(arr: np.ndarray) -> np.ndarray:
-    """A read-only flat view (one numba type for every update, however it was read)."""
+def _flat(arr: Any) -> Any:
+    """A read-only flat view (one numba type for every update, however it was read); an int8
+    delta's codes, scales and base each so."""
+    if isinstance(arr, Q8):
+        return Q8(_flat(arr.codes), _flat(arr.scales), _flat(arr.base))
     view = np.ascontiguousarray(arr).reshape(-1).view()
     view.flags.writeable = False
     return view
@@ -164,14 +268,14 @@ class ExactSum:
         self.count = 0
         self.weight = 0
 
-    def fold(self, update: Mapping[str, np.ndarray], weight: int) -> None:
+    def fold(self, update: Mapping[str, Tensor], weight: int) -> None:
         """Add weight * update; raises ValueOutOfRange (accumulator unchanged) when refused."""
         refused = self.fold_many([update], [weight])
         if refused:
             raise refused[0][1]
 
     def fold_many(
-        self, updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[int]
+        self, updates: Sequence[Mapping[str, Tensor]], weights: Sequence[int]
     ) -> list[tuple[int, ValueOutOfRange]]:
         """Fold several updates block by block (the accumulator block stays in cache across
         them). Returns (index, error) of those refused; the others are in, exactly once."""
@@ -184,7 +288,7 @@ class ExactSum:
             raise OverflowError(f"an exact sum holds at most {MAX_UPDATES} updates")
         for u in updates:
             if set(u) != set(self.shapes) or any(
-                u[n].shape != s or not self._takes(n, u[n].dtype) for n, s in self.shapes.items()
+                u[n].shape != s or not self._takes(n, u[n]) for n, s in self.shapes.items()
             ):
                 raise ValueError("update tensors' names, shapes or dtypes differ from the base's")
         refused: dict[int, ValueOutOfRange] = {}
@@ -210,24 +314,28 @@ class ExactSum:
                 self.weight += int(weights[k])
         return sorted(refused.items())
 
-    def _takes(self, name: str, dtype: np.dtype) -> bool:
+    def _takes(self, name: str, x: Any) -> bool:
         """The base's dtype, or float64 for a floating tensor (clipped updates are float64, so
-        rounding them back cannot push them past the clip bound)."""
+        rounding them back cannot push them past the clip bound); for a float32 one also F16,
+        BF16 and int8 deltas (microfl.compress)."""
         base = self.dtypes[name]
-        return dtype == base or (base.kind == "f" and dtype == np.float64)
+        if isinstance(x, Q8) or x.dtype in _TABLES:
+            return base == np.float32
+        return x.dtype == base or (base.kind == "f" and x.dtype == np.float64)
 
     def _undo(
-        self, update: Mapping[str, np.ndarray], weight: int, done: list[str], name: str, stop: int
+        self, update: Mapping[str, Tensor], weight: int, done: list[str], name: str, stop: int
     ) -> None:
         """Subtract an update folded into tensors `done` and elements [0, stop) of `name`
         (exact: rint is symmetric, so folding with -w cancels it to the last bit)."""
         for t, end in [(d, self.hi[d].size) for d in done] + [(name, stop)]:
             hi, lo = self.hi[t].reshape(-1)[:end], self.lo[t].reshape(-1)[:end]
-            x = _flat(update[t])[:end]
+            x = _flat(update[t])
+            x = Q8(x.codes[:end], x.scales, x.base[:end]) if isinstance(x, Q8) else x[:end]
             _group(hi, lo, (x,), np.array([-np.ldexp(float(weight), -self.grid[t])]), self.xlim[t])
 
-    def _refusal(self, name: str, arr: np.ndarray) -> ValueOutOfRange:
-        v = arr.astype(np.float64)
+    def _refusal(self, name: str, arr: Any) -> ValueOutOfRange:
+        v = widen(arr).astype(np.float64)
         if not np.isfinite(v).all():
             return ValueOutOfRange(f"update tensor {name!r} contains NaN or Inf")
         return ValueOutOfRange(

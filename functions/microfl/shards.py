@@ -37,12 +37,14 @@ from typing import Any
 import numpy as np
 
 from microfl import robust
+from microfl.compress import widen
 from microfl.errors import InvalidUpdate, MicroFLError, PoisonEvent
 from microfl.faults import failpoint
 from microfl.jobs import JobSpec, model_key, validate_update
 from microfl.rounds import Rounds, Seal
 from microfl.serde import (
     DTYPES,
+    safetensors_data_size,
     tensors_from_safetensors,
     tensors_from_safetensors_file,
     tensors_to_safetensors,
@@ -182,23 +184,25 @@ def _read_rows(
         row = x[len(examples)]
         for i, first, end in lay.pieces(lo, hi):
             t = lay.spec.schema[i]
-            dtype = DTYPES[t.dtype]
-            begin = offsets[t.name] + first * dtype.itemsize
+            start, dtype = offsets[t.name]  # the update's own: F16 or BF16 for an F32 tensor
+            begin = start + first * dtype.itemsize
             raw = rounds.read_update_range(r, client, begin, (end - first) * dtype.itemsize)
             if raw is None or len(raw) != (end - first) * dtype.itemsize:
                 raise ValueError(f"round {r}: the update of {client} changed while read")
             at = lay.starts[i] + first - lo
-            row[at : at + end - first] = np.frombuffer(raw, dtype=dtype)
+            row[at : at + end - first] = widen(np.frombuffer(raw, dtype=dtype))
         examples.append((client, n))
         failpoint("shards.mid_read")
     return x[: len(examples)], ShardMeta(tuple(examples), tuple(excluded))
 
 
-def _header(rounds: Rounds, r: int, client: str) -> tuple[int, dict[str, int]] | None:
-    """(num_examples, where each tensor's data starts in the object) from one ranged read of
-    at most 8 + header_limit bytes (and a 2-byte read at the expected end, for the object's
-    size, when it is longer than that); None if the object is missing. The checks are
-    serde's and validate_update's, so the reasons are theirs."""
+def _header(
+    rounds: Rounds, r: int, client: str
+) -> tuple[int, dict[str, tuple[int, np.dtype]]] | None:
+    """(num_examples, where each tensor's data starts in the object and its dtype) from one
+    ranged read of at most 8 + header_limit bytes (and a 2-byte read at the expected end, for
+    the object's size, when it is longer than that); None if the object is missing. The checks
+    are serde's and validate_update's, so the reasons are theirs."""
     spec = rounds.spec
     limit = spec.header_limit
     head = rounds.read_update_range(r, client, 0, 8 + limit)
@@ -207,7 +211,7 @@ def _header(rounds: Rounds, r: int, client: str) -> tuple[int, dict[str, int]] |
     size = len(head)
     if size == 8 + limit:  # the object may be longer: it must be exactly what its header says
         (n,) = struct.unpack("<Q", head[:8])
-        size = 8 + n + sum(t.nbytes for t in spec.schema)
+        size = 8 + n + (safetensors_data_size(head[8 : 8 + n]) if n <= limit else 0)
         if n <= limit:
             tail = rounds.read_update_range(r, client, size - 1, 2)
             if tail is None or len(tail) != 1:
@@ -216,7 +220,7 @@ def _header(rounds: Rounds, r: int, client: str) -> tuple[int, dict[str, int]] |
                 )
     tensors, metadata = tensors_from_safetensors_file(io.BytesIO(head), size, limit)
     n_examples = validate_update(spec, tensors, metadata, values=False)
-    return n_examples, {name: t.begin for name, t in tensors.items()}
+    return n_examples, {name: (t.begin, t.dtype) for name, t in tensors.items()}
 
 
 def _node_to_bytes(values: np.ndarray, meta: ShardMeta, lo: int, hi: int) -> bytes:
