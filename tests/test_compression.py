@@ -275,3 +275,15 @@ def test_a_bf16_model_is_refused_at_job_creation(tmp_path: Path, apps: dict[str,
     p = Platform(tmp_path, apps)
     with pytest.raises(ValueError, match="BF16"):
         p.create({"w": bf16_from_f32(np.ones(4, np.float32))})
+
+
+def test_bf16_interoperates_with_torch_and_the_safetensors_package() -> None:
+    import torch
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    x = torch.randn(3, 70) * 100
+    ours, _ = tensors_from_safetensors(st_save({"w": x.to(torch.bfloat16)}))
+    assert np.array_equal(bf16_to_f32(ours["w"]), x.to(torch.bfloat16).float().numpy())
+    back = st_load(tensors_to_safetensors({"w": bf16_from_f32(x.numpy())}))["w"]
+    assert back.dtype == torch.bfloat16 and torch.equal(back, x.to(torch.bfloat16))
