@@ -287,3 +287,81 @@ def test_bf16_interoperates_with_torch_and_the_safetensors_package() -> None:
     assert np.array_equal(bf16_to_f32(ours["w"]), x.to(torch.bfloat16).float().numpy())
     back = st_load(tensors_to_safetensors({"w": bf16_from_f32(x.numpy())}))["w"]
     assert back.dtype == torch.bfloat16 and torch.equal(back, x.to(torch.bfloat16))
+
+
+def test_an_async_job_takes_int8_deltas_from_each_update_s_base_version(
+    tmp_path: Path,
+    apps: dict[str, Any],  # noqa: F811
+) -> None:
+    from microfl.local.invariants import check_job
+    from microfl.local.reference import TOLERANCE, fedavg_error, fedbuff
+    from test_async import AsyncPlatform, abody
+
+    p = AsyncPlatform(tmp_path, apps)
+    m0 = model()
+    p.create(m0, mode="async", buffer=2, rounds=2, max_staleness=1, fan_in=1)
+    sent: dict[str, tuple[Tensors, int, int]] = {}
+
+    def upload(client: str, base_v: int, how: str, seed: int) -> None:
+        base = p.model(base_v)
+        u, n = trained(base, seed)
+        enc = encode(u, how, base)
+        status, answer = p.upload(client, abody(enc, n, base_v))
+        assert status == 202, answer
+        sent[f"{client}@{base_v}"] = (dense(roundtrip(enc), base), n, base_v)
+
+    upload("a", 0, "int8", 1)
+    upload("b", 0, "fp16", 2)
+    p.drain()
+    upload("c", 0, "int8", 3)  # one version stale: its codes are still from model 0
+    upload("a", 1, "int8", 4)
+    p.drain()
+    for v in (1, 2):
+        record = p.get(f"/versions/{v}")
+        assert record["excluded"] == [], record
+        ups = [
+            (sent[uid][0], sent[uid][1], p.model(sent[uid][2]), v - 1 - sent[uid][2])
+            for uid in record["included"]
+        ]
+        exact = fedbuff(p.model(v - 1), ups, 0.5)
+        assert fedavg_error(p.model(v), exact) <= TOLERANCE, v
+    assert check_job(p.store, "job-1", {(0, "a"), (0, "b"), (0, "c"), (1, "a")}).ok
+
+
+def test_the_client_sdk_encodes_against_the_model_it_trained_on() -> None:
+    from types import SimpleNamespace
+
+    from microfl.client import Client
+
+    m0 = model()
+    gets: list[dict] = []
+    posted: list[bytes] = []
+
+    class Recorded(Client):
+        def _request(self, method: str, path: str, **kw: Any) -> Any:
+            if method == "GET":
+                gets.append(kw.get("params", {}))
+                version = str(kw.get("params", {}).get("version", 4))
+                return SimpleNamespace(
+                    content=tensors_to_safetensors(m0), headers={"MicroFL-Model-Version": version}
+                )
+            posted.append(kw["data"])
+            return SimpleNamespace(json=lambda: {"status": "accepted"})
+
+    c = Recorded("http://x", "j", "t", compress="int8")
+    base, version = c.model()
+    u, n = trained(base, 3)
+    c.post_update(version + 1, u, n)  # int8 from the model just fetched: no second fetch
+    assert len(gets) == 1 and c.bytes_sent == len(posted[0])
+    sent, meta = tensors_from_safetensors(posted[0])
+    assert meta == {"num_examples": str(n)} and sent["fc.weight"].dtype == np.int8
+    got = dense(sent, m0)["fc.weight"]  # half a quantisation step from what it trained
+    step = float(np.max(sent[scale_name("fc.weight")]))
+    assert np.max(np.abs(got - u["fc.weight"])) <= step / 2 * 1.0001
+    c.post_async_update(u, n, 6)  # another base version: fetched
+    assert gets[-1] == {"version": 6} and len(gets) == 2
+    c.post_update(5, u, n, compress="fp16")
+    assert tensors_from_safetensors(posted[-1])[0]["fc.bias"].dtype == np.float16
+    assert c.bytes_sent == sum(map(len, posted))
+    with pytest.raises(ValueError, match="compress must be one of"):
+        c.post_update(5, u, n, compress="int4")
