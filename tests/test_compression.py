@@ -365,3 +365,35 @@ def test_the_client_sdk_encodes_against_the_model_it_trained_on() -> None:
     assert c.bytes_sent == sum(map(len, posted))
     with pytest.raises(ValueError, match="compress must be one of"):
         c.post_update(5, u, n, compress="int4")
+
+
+@pytest.mark.parametrize("how", ["fp16", "bf16"])
+def test_every_finite_half_value_folds_as_its_float32_widening(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All 2**16 bit patterns (subnormals, signed zeros, the largest): numba's widening, numpy's
+    table and float32's fold give the same bytes; a non-finite one is refused by both."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    half = bits.view(np.float16) if how == "fp16" else bits
+    wide = dense({"w": half}, None)["w"]
+    finite = np.isfinite(wide)
+    big = 1e38 if how == "bf16" else 1.0
+    base = {"w": np.full(int(finite.sum()), big, np.float32)}
+    update = {"w": half[finite]}
+
+    def fold(u: Tensors) -> dict[str, np.ndarray]:
+        acc = ExactSum(base)
+        acc.fold(u, 7)
+        return acc.to_arrays()
+
+    compiled, as_f32 = fold(update), fold({"w": wide[finite]})
+    bad = {"w": half[: base["w"].size].copy()}
+    bad["w"][5] = half[~finite][0]
+    with pytest.raises(exactsum.ValueOutOfRange, match="NaN or Inf"):
+        ExactSum(base).fold(bad, 1)
+    monkeypatch.setattr(exactsum, "_kernel", lambda kind="float": None)
+    plain = fold(update)
+    for k in compiled:
+        assert np.array_equal(compiled[k], plain[k]) and np.array_equal(compiled[k], as_f32[k])
+    with pytest.raises(exactsum.ValueOutOfRange, match="NaN or Inf"):
+        ExactSum(base).fold(bad, 1)

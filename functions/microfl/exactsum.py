@@ -12,6 +12,10 @@ computed from it, depends only on the set of updates. The fold splits y = h * 2*
 in float64 (|r| <= 2**55) and adds r to lo and h to hi with no carry test; lo is normalised
 (its carry moved into hi) after every block of at most MAX_GROUP updates, and on every merge.
 
+Compressed updates (microfl.compress) fold through loops of their own: F16/BF16 bits widened
+exactly a block at a time, int8 codes as base + code * scale in float64 element by element; y is
+a function of the value, so they give the bytes of folding that value as float32/float64.
+
 Headroom. hi must hold T / 2**56, so |T| < 2**119. Folds and merges refuse more than
 MAX_UPDATES = 2**21 updates, and each update must satisfy |x| / g < 2**(98 - wbits) where
 wbits = max_weight.bit_length(): |x| < 2**(58 - wbits) * 2**e, i.e. 2**18 times the base's
@@ -118,16 +122,32 @@ def _group_loop(hi, lo, xs, cs, xlim, bad):  # type: ignore[no-untyped-def]
             hi[i] += carry
 
 
-def _half_loop(hi, lo, xs, table, cs, xlim, bad):  # type: ignore[no-untyped-def]
-    """_group_loop for F16/BF16 updates (as uint16 bits): each value is table[bits], exact."""
+def _half_loop(hi, lo, xs, bf16, cs, xlim, bad):  # type: ignore[no-untyped-def]
+    """_group_loop for F16/BF16 updates (uint16 bits), widened a block at a time into a
+    BLOCK-sized float32 scratch, exactly: BF16 bits << 16; F16 magnitude bits << 13 times
+    2**112 (the exponent rebiased; subnormals too), Inf/NaN kept non-finite, the sign put back."""
+    bits = np.empty(BLOCK, np.uint32)
+    vals = bits.view(np.float32)
+    rebias = np.float32(2.0**112)
     for start in range(0, hi.size, BLOCK):
         stop = min(start + BLOCK, hi.size)
         for k in range(len(xs)):
             if bad[k] >= 0:
                 continue
             hs, ls, x, c, refused = hi[start:stop], lo[start:stop], xs[k][start:stop], cs[k], 0
+            if bf16:
+                for i in range(x.size):
+                    bits[i] = np.uint32(x[i]) << 16
+            else:
+                for i in range(x.size):
+                    bits[i] = (np.uint32(x[i]) & 0x7FFF) << 13
+                for i in range(x.size):
+                    w = vals[i] * rebias
+                    if (x[i] & 0x7C00) == 0x7C00:
+                        w = np.float32(np.inf)
+                    vals[i] = -w if x[i] & 0x8000 else w
             for i in range(x.size):
-                v = table[x[i]]
+                v = np.float64(vals[i])
                 ok = abs(v) < xlim
                 refused += 0 if ok else 1
                 y = np.rint((v if ok else 0.0) * c)
@@ -143,22 +163,26 @@ def _half_loop(hi, lo, xs, table, cs, xlim, bad):  # type: ignore[no-untyped-def
 
 
 def _q8_loop(hi, lo, codes, scales, bases, cs, xlim, bad):  # type: ignore[no-untyped-def]
-    """_group_loop for int8 deltas: value = base + code * scale of its block, in float64, one
-    element at a time (no dequantised copy of the update)."""
+    """_group_loop for int8 deltas: value = base + code * scale in float64, one element at a
+    time (no dequantised copy), a scale block (which BLOCK is a multiple of) at a time."""
     for start in range(0, hi.size, BLOCK):
         stop = min(start + BLOCK, hi.size)
         for k in range(len(codes)):
             if bad[k] >= 0:
                 continue
-            q, s, b, c, refused = codes[k], scales[k], bases[k], cs[k], 0
-            for i in range(start, stop):
-                v = np.float64(b[i]) + np.float64(q[i]) * np.float64(s[i // _Q8])
-                ok = abs(v) < xlim
-                refused += 0 if ok else 1
-                y = np.rint((v if ok else 0.0) * c)
-                h = np.rint(y * _IR)
-                lo[i] += np.int64(y - h * _R)
-                hi[i] += np.int64(h)
+            q, b, c, refused = codes[k], bases[k], cs[k], 0
+            for j in range(start, stop, _Q8):
+                end = min(j + _Q8, stop)
+                hs, ls, qs, bs = hi[j:end], lo[j:end], q[j:end], b[j:end]
+                s = np.float64(scales[k][j // _Q8])
+                for i in range(qs.size):
+                    v = np.float64(bs[i]) + np.float64(qs[i]) * s
+                    ok = abs(v) < xlim
+                    refused += 0 if ok else 1
+                    y = np.rint((v if ok else 0.0) * c)
+                    h = np.rint(y * _IR)
+                    ls[i] += np.int64(y - h * _R)
+                    hs[i] += np.int64(h)
             if refused:
                 bad[k] = stop
         for i in range(start, stop):
@@ -168,6 +192,7 @@ def _q8_loop(hi, lo, codes, scales, bases, cs, xlim, bad):  # type: ignore[no-un
 
 
 _Q8 = Q8_BLOCK
+assert BLOCK % _Q8 == 0, "an accumulator block holds whole scale blocks"
 _TABLES = (np.dtype(np.float16), BF16)
 
 
@@ -225,7 +250,7 @@ def _group(
             kernel(hi, lo, codes, scales, tuple(q.base for q in part), cs[ks], xlim, sub)
         elif kind == "half":
             bits = tuple(x.view(np.uint16) for x in part)
-            kernel(hi, lo, bits, _table(dtype), cs[ks], xlim, sub)
+            kernel(hi, lo, bits, dtype == BF16, cs[ks], xlim, sub)
         else:
             kernel(hi, lo, part, cs[ks], xlim, sub)
         bad[ks] = sub
@@ -335,7 +360,8 @@ class ExactSum:
             _group(hi, lo, (x,), np.array([-np.ldexp(float(weight), -self.grid[t])]), self.xlim[t])
 
     def _refusal(self, name: str, arr: Any) -> ValueOutOfRange:
-        v = widen(arr).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # a signalling NaN stays NaN
+            v = widen(arr).astype(np.float64)
         if not np.isfinite(v).all():
             return ValueOutOfRange(f"update tensor {name!r} contains NaN or Inf")
         return ValueOutOfRange(
