@@ -397,3 +397,24 @@ def test_every_finite_half_value_folds_as_its_float32_widening(
         assert np.array_equal(compiled[k], plain[k]) and np.array_equal(compiled[k], as_f32[k])
     with pytest.raises(exactsum.ValueOutOfRange, match="NaN or Inf"):
         ExactSum(base).fold(bad, 1)
+
+
+def test_a_clipped_round_clips_each_int8_delta_before_the_sum(
+    tmp_path: Path,
+    apps: dict[str, Any],  # noqa: F811
+) -> None:
+    from microfl.local.reference import clipped
+
+    p = Platform(tmp_path, apps)
+    m0 = model()
+    p.create(m0, rounds=1, min_clients=4, fan_in=2, strategy_options={"clip": 0.5})
+    sent = []
+    for i in range(4):
+        u, n = trained(m0, 70 + i)
+        enc = encode(u, ("int8", "fp16", "int8", "bf16")[i], m0)
+        assert p.post(1, f"c{i}", body(enc, n))[0] == 202
+        sent.append((clipped(dense(roundtrip(enc), m0), m0, 0.5)[0], n))
+    p.drain()
+    record = p.record(1)
+    assert record is not None and len(record["included"]) == 4
+    assert fedavg_mismatch(p.model(1), fedavg(sent)) is None
