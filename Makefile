@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test check lint bench chaos-report robustness stragglers up down status clean flwr-deps
+.PHONY: setup demo test check lint bench chaos-report robustness stragglers up down status clean compression flwr-deps
 
 $(BIN)/.installed: pyproject.toml
 	@command -v java >/dev/null && command -v mvn >/dev/null || \
@@ -70,6 +70,11 @@ robustness: setup
 # platform: load/results/stragglers/{stragglers.md,accuracy.png,results.json}.
 stragglers: setup
 	$(BIN)/microfl stragglers --report load/results/stragglers
+
+# The demo with updates as float32, fp16, bf16 and int8 on one local platform:
+# load/results/compression/{compression.md,accuracy.png,results.json}.
+compression: setup
+	$(BIN)/microfl compression --report load/results/compression
 
 up: setup
 	$(BIN)/microfl up --detach

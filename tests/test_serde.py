@@ -35,6 +35,11 @@ from microfl.serde import (
 SHAPES = [(0,), (3, 0), (5,), (2, 3), (2, 1, 4)]  # 0-d tensors have their own tests below
 
 
+# The safetensors package's numpy API has no BF16 (numpy has no bfloat16; its uint16 is U16):
+# BF16 interoperability is tested with its torch API in tests/test_compression.py.
+NUMPY_CODES = sorted(c for c in DTYPES if c != "BF16")
+
+
 def sample(code: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """Values that exercise the dtype: negatives, extremes, fractions."""
     rng = np.random.default_rng(seed)
@@ -93,7 +98,7 @@ def test_zero_dim_tensors_round_trip_with_shape_kept() -> None:
 
 
 def test_zero_dim_tensors_interoperate_with_the_safetensors_package() -> None:
-    model = {code: sample(code, ()) for code in DTYPES}
+    model = {code: sample(code, ()) for code in NUMPY_CODES}
     tensors, _ = tensors_from_safetensors(st_numpy.save(model))
     for code, arr in model.items():
         assert same(tensors[code], arr), code
@@ -133,7 +138,7 @@ def test_header_is_padded_and_parsed_arrays_are_read_only_views() -> None:
         tensors["a"][0] = 2.0
 
 
-@pytest.mark.parametrize("code", sorted(DTYPES))
+@pytest.mark.parametrize("code", NUMPY_CODES)
 def test_our_bytes_load_with_the_safetensors_package(code: str, tmp_path: Path) -> None:
     model = {f"s{i}": sample(code, shape, i) for i, shape in enumerate(SHAPES)}
     data = tensors_to_safetensors(model, {"num_examples": "12", "note": "ü"})
@@ -147,7 +152,7 @@ def test_our_bytes_load_with_the_safetensors_package(code: str, tmp_path: Path) 
         assert f.metadata() == {"num_examples": "12", "note": "ü"}
 
 
-@pytest.mark.parametrize("code", sorted(DTYPES))
+@pytest.mark.parametrize("code", NUMPY_CODES)
 def test_package_bytes_load_with_ours(code: str) -> None:
     model = {f"s{i}": sample(code, shape, i) for i, shape in enumerate(SHAPES)}
     data = st_numpy.save(model, metadata={"num_examples": "3", "format": "np"})
@@ -213,7 +218,7 @@ MALFORMED = {
     "tensor entry not an object": raw_file({"a": [1, 2]}),
     "unknown dtype": raw_file({"a": entry("F128", [4], [0, 16])}, GOOD_DATA),
     "lowercase dtype": raw_file({"a": entry("f32", [4], [0, 16])}, GOOD_DATA),
-    "BF16": raw_file({"a": entry("BF16", [8], [0, 16])}, GOOD_DATA),
+    "BF16 sized as F32": raw_file({"a": entry("BF16", [4], [0, 16])}, GOOD_DATA),
     "missing dtype": raw_file({"a": {"shape": [4], "data_offsets": [0, 16]}}, GOOD_DATA),
     "negative shape": raw_file({"a": entry("F32", [-4], [0, 16])}, GOOD_DATA),
     "float shape": raw_file({"a": entry("F32", [4.0], [0, 16])}, GOOD_DATA),

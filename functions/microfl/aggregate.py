@@ -15,6 +15,7 @@ import numpy as np
 from microfl import buffers, events, prometheus, shards
 from microfl.backends import Backends
 from microfl.clientmetrics import MetricSums, client_metrics
+from microfl.compress import Tensor, decode
 from microfl.errors import JobNotFound, MicroFLError, PoisonEvent, Unavailable
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
@@ -100,7 +101,7 @@ def fold_updates(
     unclipped = 0
     metrics = MetricSums()
     for start in range(0, len(members), GROUP):
-        loaded: list[tuple[str, Mapping[str, np.ndarray], int]] = []
+        loaded: list[tuple[str, Mapping[str, Tensor], int]] = []
         reported: list[MetricSums] = []
         for client, data in members[start : start + GROUP]:
             if data is None:
@@ -113,7 +114,7 @@ def fold_updates(
             except MicroFLError as exc:
                 excluded.append((client, f"stored update is invalid: {exc}"))
                 continue
-            loaded.append((client, tensors, n))
+            loaded.append((client, decode(tensors, base), n))  # int8 deltas: from the base
         within = [False] * len(loaded)
         if clip is not None and base is not None:
             for i, (client, update, n) in enumerate(loaded):

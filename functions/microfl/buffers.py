@@ -39,6 +39,7 @@ import numpy as np
 
 from microfl import events
 from microfl.clientmetrics import MetricSums, client_metrics
+from microfl.compress import HALF, Q8, Tensor, decode, delta
 from microfl.errors import InvalidUpdate, MicroFLError, PoisonEvent, RoundNotOpen, StaleUpdate
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
@@ -376,7 +377,7 @@ def fold_deltas(
     unclipped = 0
     metrics = MetricSums()
     for start in range(0, len(members), GROUP):
-        loaded: list[tuple[str, Tensors, Tensors, float, int, bool]] = []
+        loaded: list[tuple[str, Mapping[str, Tensor], Tensors, float, int, bool]] = []
         reported: list[MetricSums] = []
         for uid, data in members[start : start + GROUP]:
             base_v = parse_update_id(uid)[1]
@@ -393,10 +394,16 @@ def fold_deltas(
                 excluded.append((uid, f"stored update is invalid: {exc}"))
                 continue
             within = False
+            update: Mapping[str, Tensor] = decode(tensors, base)  # int8: deltas from base
             if clip is not None:
-                tensors, within = clip_update(tensors, base, clip)
+                update, within = clip_update(update, base, clip)
             w = staleness_weight(r - 1 - base_v, spec.staleness_exponent)
-            loaded.append((uid, tensors, base, w, n, within))
+            if any(isinstance(x, Q8) or x.dtype in HALF for x in update.values()):
+                # compressed: the delta made here; folded as (y - 0) * 1, the same bits
+                with np.errstate(all="ignore"):  # a non-finite delta is refused by the fold
+                    update = {k: delta(x, base[k]) * w for k, x in update.items()}
+                base, w = _zeros(base), 1.0
+            loaded.append((uid, update, base, w, n, within))
         refused = dict(
             acc.fold_many(
                 [x for _, x, _, _, _, _ in loaded],
@@ -414,3 +421,7 @@ def fold_deltas(
                 metrics += reported[i]
         failpoint("aggregate.mid_fold")
     return PartialMeta(tuple(examples), tuple(excluded), unclipped, metrics)
+
+
+def _zeros(like: Mapping[str, np.ndarray]) -> Tensors:
+    return {k: np.zeros(v.shape) for k, v in like.items()}

@@ -12,6 +12,10 @@ computed from it, depends only on the set of updates. The fold splits y = h * 2*
 in float64 (|r| <= 2**55) and adds r to lo and h to hi with no carry test; lo is normalised
 (its carry moved into hi) after every block of at most MAX_GROUP updates, and on every merge.
 
+Compressed updates (microfl.compress) fold through loops of their own: F16/BF16 bits widened
+exactly a block at a time, int8 codes as base + code * scale in float64 element by element; y is
+a function of the value, so they give the bytes of folding that value as float32/float64.
+
 Headroom. hi must hold T / 2**56, so |T| < 2**119. Folds and merges refuse more than
 MAX_UPDATES = 2**21 updates, and each update must satisfy |x| / g < 2**(98 - wbits) where
 wbits = max_weight.bit_length(): |x| < 2**(58 - wbits) * 2**e, i.e. 2**18 times the base's
@@ -26,177 +30,26 @@ of the largest |mean| unless the mean shrinks below ~2**-21 of the base's larges
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from microfl.compress import HALF, Q8, Tensor, widen
 from microfl.errors import InvalidUpdate
+from microfl.foldloops import LIMB, MASK, carry, flat, group, scaled_delta
 
 __all__ = ["MAX_UPDATES", "ExactSum", "ValueOutOfRange"]
 
 PRECISION_BITS = 40
 FLOOR = 2.0**-10
-LIMB = 56
 MAX_UPDATES = 2**21
 MAX_GROUP = 64  # updates folded per block before lo is normalised: |lo| < 2**56 + 64 * 2**55
-BLOCK = 4096  # elements: the accumulator's block (64 KiB) stays in L1/L2 across the group
 _R = float(2**LIMB)
-_IR = 2.0**-LIMB
-_MASK = (1 << LIMB) - 1
 
 
 class ValueOutOfRange(InvalidUpdate):
     """An update value is NaN, Inf, or too far beyond the base model's scale to sum exactly."""
-
-
-def _fold_np(hi: np.ndarray, lo: np.ndarray, x: np.ndarray, c: float, xlim: float) -> int:
-    """The kernel, in numpy: lo += r, hi += h for y = rint(x * c) = h * 2**56 + r."""
-    v = x.astype(np.float64)
-    ok = np.abs(v) < xlim
-    bad = int(v.size - np.count_nonzero(ok))
-    y = np.rint(np.where(ok, v, 0.0) * c)
-    h = np.rint(y * _IR)
-    lo += (y - h * _R).astype(np.int64)
-    hi += h.astype(np.int64)
-    return bad
-
-
-def _carry_np(hi: np.ndarray, lo: np.ndarray) -> None:
-    carry = lo >> LIMB
-    lo &= _MASK
-    hi += carry
-
-
-def _group_np(
-    hi: np.ndarray, lo: np.ndarray, xs: tuple, cs: np.ndarray, xlim: float, bad: np.ndarray
-) -> None:
-    for start in range(0, hi.size, BLOCK):
-        stop = min(start + BLOCK, hi.size)
-        for k in range(len(xs)):
-            if bad[k] < 0 and _fold_np(
-                hi[start:stop], lo[start:stop], xs[k][start:stop], cs[k], xlim
-            ):
-                bad[k] = stop
-        _carry_np(hi[start:stop], lo[start:stop])
-
-
-def _group_loop(hi, lo, xs, cs, xlim, bad):  # type: ignore[no-untyped-def]
-    """_group_np's loop, element by element, for numba to compile (see _kernel): one pass over
-    each update and the accumulator block, no temporaries."""
-    for start in range(0, hi.size, BLOCK):
-        stop = min(start + BLOCK, hi.size)
-        for k in range(len(xs)):
-            if bad[k] >= 0:
-                continue
-            hs, ls, x, c, refused = hi[start:stop], lo[start:stop], xs[k][start:stop], cs[k], 0
-            for i in range(x.size):
-                v = np.float64(x[i])
-                ok = abs(v) < xlim
-                refused += 0 if ok else 1
-                y = np.rint((v if ok else 0.0) * c)
-                h = np.rint(y * _IR)
-                ls[i] += np.int64(y - h * _R)
-                hs[i] += np.int64(h)
-            if refused:
-                bad[k] = stop
-        for i in range(start, stop):
-            carry = lo[i] >> LIMB
-            lo[i] &= _MASK
-            hi[i] += carry
-
-
-def _delta_loop(hi, lo, xs, bs, ss, cs, xlim, bad):  # type: ignore[no-untyped-def]
-    """_group_loop on v = (x - b) * s in float64 (an async delta: update x, its base b, its
-    staleness weight s), the same operations as numpy's, so the same bits, with no array of
-    deltas ever made."""
-    for start in range(0, hi.size, BLOCK):
-        stop = min(start + BLOCK, hi.size)
-        for k in range(len(xs)):
-            if bad[k] >= 0:
-                continue
-            hs, ls, c, s, refused = hi[start:stop], lo[start:stop], cs[k], ss[k], 0
-            x, b = xs[k][start:stop], bs[k][start:stop]
-            for i in range(x.size):
-                v = (np.float64(x[i]) - np.float64(b[i])) * s
-                ok = abs(v) < xlim
-                refused += 0 if ok else 1
-                y = np.rint((v if ok else 0.0) * c)
-                h = np.rint(y * _IR)
-                ls[i] += np.int64(y - h * _R)
-                hs[i] += np.int64(h)
-            if refused:
-                bad[k] = stop
-        for i in range(start, stop):
-            carry = lo[i] >> LIMB
-            lo[i] &= _MASK
-            hi[i] += carry
-
-
-@functools.cache
-def _delta_kernel() -> Callable[..., None] | None:
-    """_delta_loop compiled by numba, as _kernel."""
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover
-        return None
-    return njit(nogil=True, cache=True)(_delta_loop)
-
-
-def _delta(x: np.ndarray, b: np.ndarray, s: float) -> np.ndarray:
-    """(x - b) * s in float64, as _delta_loop computes it."""
-    with np.errstate(all="ignore"):  # a non-finite delta is refused by the fold
-        v = np.subtract(x, b, dtype=np.float64)
-        v *= s
-    return v
-
-
-@functools.cache
-def _kernel() -> Callable[..., None] | None:
-    """_group_loop compiled by numba (or loaded from its cache) on the first fold. Only
-    aggregate folds, so ingest and finalize never load numba (it adds ~180 MiB to a process);
-    without numba the numpy path gives the same bytes, more slowly."""
-    try:
-        from numba import njit
-    except ImportError:  # pragma: no cover
-        return None
-    return njit(nogil=True, cache=True)(_group_loop)
-
-
-def _group(
-    hi: np.ndarray,
-    lo: np.ndarray,
-    xs: tuple,
-    cs: np.ndarray,
-    xlim: float,
-    deltas: tuple[tuple, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Fold a group of flat updates of one tensor (with deltas = (bases, scales): the deltas
-    (x - base) * scale); bad[k] >= 0: update k refused, folded into elements [0, bad[k]) (the
-    caller rolls that back)."""
-    bad = np.full(len(xs), -1, dtype=np.int64)
-    floats = (np.float32, np.float64)
-    if deltas is not None:
-        bs, ss = deltas
-        fused = _delta_kernel() if xs[0].dtype in floats and bs[0].dtype in floats else None
-        if fused is not None:
-            fused(hi, lo, xs, bs, ss, cs, xlim, bad)
-            return bad
-        xs = tuple(_delta(x, b, s) for x, b, s in zip(xs, bs, ss, strict=True))
-    kernel = _kernel() if xs[0].dtype in floats else None
-    if kernel is not None:
-        kernel(hi, lo, xs, cs, xlim, bad)
-    else:
-        _group_np(hi, lo, xs, cs, xlim, bad)
-    return bad
-
-
-def _flat(arr: np.ndarray) -> np.ndarray:
-    """A read-only flat view (one numba type for every update, however it was read)."""
-    view = np.ascontiguousarray(arr).reshape(-1).view()
-    view.flags.writeable = False
-    return view
 
 
 class ExactSum:
@@ -225,7 +78,7 @@ class ExactSum:
         self.count = 0
         self.weight = 0
 
-    def fold(self, update: Mapping[str, np.ndarray], weight: int) -> None:
+    def fold(self, update: Mapping[str, Tensor], weight: int) -> None:
         """Add weight * update; raises ValueOutOfRange (accumulator unchanged) when refused."""
         refused = self.fold_many([update], [weight])
         if refused:
@@ -233,15 +86,16 @@ class ExactSum:
 
     def fold_many(
         self,
-        updates: Sequence[Mapping[str, np.ndarray]],
+        updates: Sequence[Mapping[str, Tensor]],
         weights: Sequence[int],
         bases: Sequence[Mapping[str, np.ndarray]] | None = None,
         scales: Sequence[float] | None = None,
     ) -> list[tuple[int, ValueOutOfRange]]:
         """Fold several updates block by block (the accumulator block stays in cache across
-        them). With bases and scales, fold the deltas (x_i - base_i) * scale_i computed in
-        float64 on the fly: the bits of folding those deltas as float64 arrays, without them.
-        Returns (index, error) of those refused; the others are in, exactly once."""
+        them). With bases and scales, fold the deltas (x_i - base_i) * scale_i of plain float
+        updates computed in float64 on the fly: the bits of folding those deltas as float64
+        arrays, without them. Returns (index, error) of those refused; the others are in,
+        exactly once."""
         if len(updates) != len(weights):
             raise ValueError("fold_many needs one weight per update")
         if (
@@ -258,7 +112,7 @@ class ExactSum:
         for i, u in enumerate(updates):
             b = None if bases is None else bases[i]
             if set(u) != set(self.shapes) or any(
-                u[n].shape != s or not self._takes(n, u[n].dtype, b) for n, s in self.shapes.items()
+                u[n].shape != s or not self._takes(n, u[n], b) for n, s in self.shapes.items()
             ):
                 raise ValueError("update tensors' names, shapes or dtypes differ from the base's")
         refused: dict[int, ValueOutOfRange] = {}
@@ -270,18 +124,18 @@ class ExactSum:
                 if not live:
                     break
                 hi, lo = self.hi[name].reshape(-1), self.lo[name].reshape(-1)
-                xs = tuple(_flat(updates[k][name]) for k in live)
+                xs = tuple(flat(updates[k][name]) for k in live)
                 cs = np.array([np.ldexp(float(weights[k]), -self.grid[name]) for k in live])
                 deltas = None
                 if bases is not None and scales is not None:
-                    bs = tuple(_flat(bases[k][name]) for k in live)
+                    bs = tuple(flat(bases[k][name]) for k in live)
                     deltas = (bs, np.array([float(scales[k]) for k in live]))
-                bad = _group(hi, lo, xs, cs, self.xlim[name], deltas)
+                bad = group(hi, lo, xs, cs, self.xlim[name], deltas)
                 for j in np.flatnonzero(bad >= 0):
                     k, stop = live[j], int(bad[j])
                     arr = updates[k][name]
-                    if bases is not None and scales is not None:
-                        arr = _delta(arr, bases[k][name], float(scales[k]))
+                    if bases is not None and scales is not None:  # plain arrays (_takes)
+                        arr = scaled_delta(widen(arr), bases[k][name], float(scales[k]))
                     refused[k] = self._refusal(name, arr)
                     self._undo(updates, weights, k, done, name, stop, bases, scales)
                 done.append(name)
@@ -291,23 +145,24 @@ class ExactSum:
                 self.weight += int(weights[k])
         return sorted(refused.items())
 
-    def _takes(
-        self, name: str, dtype: np.dtype, base: Mapping[str, np.ndarray] | None = None
-    ) -> bool:
+    def _takes(self, name: str, x: Any, bases: Mapping[str, np.ndarray] | None = None) -> bool:
         """The base's dtype, or float64 for a floating tensor (clipped updates are float64, so
-        rounding them back cannot push them past the clip bound). For a delta, the base is
-        the delta's own base, whose shape must match too."""
-        if base is not None:
-            ref = base[name]
-            if ref.shape != self.shapes[name]:
+        rounding them back cannot push them past the clip bound); for a float32 one also F16,
+        BF16 and int8 deltas (microfl.compress). For a delta folded on the fly, the dtype of its
+        own base (a plain array of the same shape)."""
+        if bases is not None:
+            ref = bases[name]
+            if isinstance(x, Q8) or x.dtype in HALF or ref.shape != self.shapes[name]:
                 return False
-            return dtype == ref.dtype or (ref.dtype.kind == "f" and dtype == np.float64)
-        ref_dtype = self.dtypes[name]
-        return dtype == ref_dtype or (ref_dtype.kind == "f" and dtype == np.float64)
+            return x.dtype == ref.dtype or (ref.dtype.kind == "f" and x.dtype == np.float64)
+        base = self.dtypes[name]
+        if isinstance(x, Q8) or x.dtype in HALF:
+            return base == np.float32
+        return x.dtype == base or (base.kind == "f" and x.dtype == np.float64)
 
     def _undo(
         self,
-        updates: Sequence[Mapping[str, np.ndarray]],
+        updates: Sequence[Mapping[str, Tensor]],
         weights: Sequence[int],
         k: int,
         done: list[str],
@@ -320,15 +175,17 @@ class ExactSum:
         (exact: rint is symmetric, so folding with -w cancels it to the last bit)."""
         for t, end in [(d, self.hi[d].size) for d in done] + [(name, stop)]:
             hi, lo = self.hi[t].reshape(-1)[:end], self.lo[t].reshape(-1)[:end]
-            x = _flat(updates[k][t])[:end]
+            x = flat(updates[k][t])
+            x = Q8(x.codes[:end], x.scales, x.base[:end]) if isinstance(x, Q8) else x[:end]
             deltas = None
             if bases is not None and scales is not None:
-                deltas = ((_flat(bases[k][t])[:end],), np.array([float(scales[k])]))
+                deltas = ((flat(bases[k][t])[:end],), np.array([float(scales[k])]))
             c = np.array([-np.ldexp(float(weights[k]), -self.grid[t])])
-            _group(hi, lo, (x,), c, self.xlim[t], deltas)
+            group(hi, lo, (x,), c, self.xlim[t], deltas)
 
-    def _refusal(self, name: str, arr: np.ndarray) -> ValueOutOfRange:
-        v = arr.astype(np.float64)
+    def _refusal(self, name: str, arr: Any) -> ValueOutOfRange:
+        with np.errstate(invalid="ignore"):  # a signalling NaN stays NaN
+            v = widen(arr).astype(np.float64)
         if not np.isfinite(v).all():
             return ValueOutOfRange(f"update tensor {name!r} contains NaN or Inf")
         return ValueOutOfRange(
@@ -347,7 +204,7 @@ class ExactSum:
         for name in self.shapes:
             self.hi[name] += other.hi[name]
             self.lo[name] += other.lo[name]
-            _carry_np(self.hi[name], self.lo[name])
+            carry(self.hi[name], self.lo[name])
         self.count += other.count
         self.weight += other.weight
 
@@ -366,13 +223,13 @@ class ExactSum:
                 or {hi.dtype, lo.dtype} != {np.dtype(np.int64)}
             ):
                 raise ValueError(f"partial tensor {name!r} does not match the base model")
-            if lo.size and (int(lo.min()) < 0 or int(lo.max()) > _MASK):
+            if lo.size and (int(lo.min()) < 0 or int(lo.max()) > MASK):
                 raise ValueError(f"partial tensor {name!r} is not canonical")
             checked.append((name, hi, lo))
         for name, hi, lo in checked:  # all checked first: a refusal leaves the sum as it was
             self.hi[name] += hi
             self.lo[name] += lo
-            _carry_np(self.hi[name], self.lo[name])
+            carry(self.hi[name], self.lo[name])
         self.count += int(count)
         self.weight += int(weight)
 
@@ -401,7 +258,7 @@ class ExactSum:
                 or {hi.dtype, lo.dtype} != {np.dtype(np.int64)}
             ):
                 raise ValueError(f"partial tensor {name!r} does not match the base model")
-            if np.any((lo < 0) | (lo > _MASK)):
+            if np.any((lo < 0) | (lo > MASK)):
                 raise ValueError(f"partial tensor {name!r} is not canonical")
             acc.hi[name][...] = hi
             acc.lo[name][...] = lo

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from microfl.clientmetrics import client_metrics
+from microfl.compress import BF16, Q8_BLOCK, SCALE_SUFFIX, bf16_to_f32, scale_name, scales_for
 from microfl.errors import ConfigError, InvalidUpdate, JobNotFound, SchemaMismatch
 from microfl.faults import failpoint
 from microfl.serde import (
@@ -186,13 +187,17 @@ class JobSpec:
 
     @property
     def header_limit(self) -> int:
-        """The largest safetensors header an update may have: twice the model's own (other
-        writers order and space their JSON differently) plus HEADER_ROOM. It bounds the CPU a
-        hostile header can cost to a small multiple of parsing the model's."""
+        """The largest safetensors header an update may have: twice the model's own with an
+        int8 scales entry per F32 tensor (other writers order and space their JSON differently)
+        plus HEADER_ROOM. It bounds the CPU a hostile header can cost to a small multiple of
+        parsing the model's."""
         layout, offset = {}, 0
         for t in self.schema:
             span = [offset, offset + t.nbytes]
             layout[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": span}
+            if t.dtype == "F32":
+                blocks = [scales_for(math.prod(t.shape))]
+                layout[scale_name(t.name)] = {"dtype": "F32", "shape": blocks, "data_offsets": span}
             offset += t.nbytes
         return 2 * len(json_to_bytes(layout)) + HEADER_ROOM
 
@@ -256,6 +261,12 @@ def create_job(store: ObjectStore, spec: JobSpec, model: bytes) -> bool:
     (`check_model`), and running the winner's create again repairs it."""
     tensors, _ = tensors_from_safetensors(model)
     schema = JobSpec.for_model(spec.job, tensors).schema
+    for t in schema:
+        if t.dtype == "BF16" or t.name.endswith(SCALE_SUFFIX):
+            raise ConfigError(
+                f"model tensor {t.name!r}: a model holds no BF16 tensors or names ending in "
+                f"{SCALE_SUFFIX!r} (updates use them); save it as F32 with other names"
+            )
     if schema != spec.schema:
         raise ConfigError(f"job {spec.job!r}: the model file does not match the job's schema")
     digest = hashlib.sha256(model).hexdigest()
@@ -334,11 +345,18 @@ def validate_update(
         )
     client_metrics(metadata)  # optional `metrics`: a JSON object of finite numbers
     expected = {t.name: t for t in spec.schema}
+    coded = {n for n, t in expected.items() if _is_q8(t, tensors.get(n))}
     missing = sorted(set(expected) - set(tensors))
-    unknown = sorted(set(tensors) - set(expected))
+    unknown = sorted(set(tensors) - set(expected) - {scale_name(n) for n in coded})
     if missing or unknown:
+        stray = [n for n in unknown if n.endswith(SCALE_SUFFIX)]
+        hint = (
+            f"; scales {stray} come only with the I8 codes of an F32 tensor of the same name"
+            if stray
+            else ""
+        )
         raise SchemaMismatch(
-            f"update tensors differ from the model's: missing {missing}, unknown {unknown}"
+            f"update tensors differ from the model's: missing {missing}, unknown {unknown}{hint}"
         )
     for name, t in expected.items():
         arr = tensors[name]
@@ -346,21 +364,64 @@ def validate_update(
             raise SchemaMismatch(
                 f"update tensor {name!r} has shape {arr.shape}; the job's model expects {t.shape}"
             )
-        if arr.dtype != DTYPES[t.dtype]:
+        code = dtype_code(arr.dtype)
+        if name in coded:
+            _check_q8(spec, name, arr, tensors.get(scale_name(name)), values)
+        elif code != t.dtype and not (t.dtype == "F32" and code in HALF):
+            also = " (or F16, BF16, or I8 codes with their scales)" if t.dtype == "F32" else ""
             raise SchemaMismatch(
-                f"update tensor {name!r} has dtype {dtype_code(arr.dtype)}; the job's model "
-                f"expects {t.dtype}"
+                f"update tensor {name!r} has dtype {code}; the job's model expects "
+                f"{t.dtype}{also}"
             )
-        if values and arr.dtype.kind == "f":
+        if values and (arr.dtype.kind == "f" or code == "BF16"):
             _check_values(name, arr)
     return int(raw)
+
+
+HALF = ("F16", "BF16")  # accepted for an F32 model tensor (microfl.compress)
+
+
+def _is_q8(t: TensorSpec, arr: np.ndarray | FileTensor | None) -> bool:
+    return t.dtype == "F32" and arr is not None and arr.dtype == DTYPES["I8"]
+
+
+def _check_q8(
+    spec: JobSpec,
+    name: str,
+    codes: np.ndarray | FileTensor,
+    scales: np.ndarray | FileTensor | None,
+    values: bool,
+) -> None:
+    """int8 codes of an F32 tensor: their scales are there, F32, one per block, finite, >= 0."""
+    if spec.sharded:
+        raise SchemaMismatch(
+            f"update tensor {name!r} is int8-coded; job {spec.job!r} uses {spec.strategy}, "
+            "which compares whole updates and takes only F32, F16 or BF16 tensors: send one of "
+            "those (client option compress='fp16' or 'bf16')"
+        )
+    blocks = scales_for(math.prod(codes.shape))
+    what = f"int8 tensor {name!r} needs its scales as {scale_name(name)!r}"
+    if scales is None:
+        raise SchemaMismatch(f"{what}: F32, shape ({blocks},), one per {Q8_BLOCK} codes")
+    if scales.dtype != DTYPES["F32"] or scales.shape != (blocks,):
+        raise SchemaMismatch(
+            f"{what}: F32, shape ({blocks},), one per {Q8_BLOCK} codes; got "
+            f"{dtype_code(scales.dtype)} {scales.shape}"
+        )
+    if values:
+        for block in tensor_blocks(scales):
+            if not (np.isfinite(block).all() and (block >= 0).all()):
+                raise SchemaMismatch(
+                    f"scales {scale_name(name)!r} of int8 tensor {name!r} hold NaN, Inf or a "
+                    "negative value; send finite scales >= 0 (the codes carry the sign)"
+                )
 
 
 def _check_values(name: str, tensor: np.ndarray | FileTensor) -> None:
     """Finite, and for F64 within MAX_F64_MAGNITUDE, block by block (no full-size temporary)."""
     bounded = tensor.dtype == np.float64
     for block in tensor_blocks(tensor):
-        if not np.isfinite(block).all():
+        if not np.isfinite(bf16_to_f32(block) if block.dtype == BF16 else block).all():
             raise SchemaMismatch(f"update tensor {name!r} contains NaN or Inf; send finite values")
         if bounded and block.size and max(-block.min(), block.max()) > MAX_F64_MAGNITUDE:
             raise SchemaMismatch(

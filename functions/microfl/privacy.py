@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from microfl.compress import Tensor, delta, is_floating
 from microfl.errors import ConfigError
 
 __all__ = [
@@ -66,7 +67,7 @@ _BLOCK = 1 << 16  # elements per partial sum of squares (fixed order: determinis
 
 
 def clip_update(
-    update: Mapping[str, np.ndarray],
+    update: Mapping[str, Tensor],
     base: Mapping[str, np.ndarray],
     bound: float,
     keep_base_integers: bool = False,
@@ -74,22 +75,19 @@ def clip_update(
     """(base + s * (update - base) with s = min(1, bound / norm), whether norm <= bound).
     The norm is the float64 L2 norm of the delta over every floating tensor at once; the
     clipped floating tensors are float64 (rounding them back to float32 could push the delta
-    past the bound). Integer tensors are left as sent, or with keep_base_integers taken from
-    the base. A delta with NaN or Inf is left unscaled: the exact fold refuses it."""
-    deltas = {
-        n: np.subtract(x, base[n], dtype=np.float64)
-        for n, x in update.items()
-        if x.dtype.kind == "f"
-    }
+    past the bound), whatever their encoding (F16, BF16, int8 deltas: microfl.compress).
+    Integer tensors are left as sent, or with keep_base_integers taken from the base. A delta
+    with NaN or Inf is left unscaled: the exact fold refuses it."""
+    deltas = {n: delta(x, base[n]) for n, x in update.items() if is_floating(x)}
     norm = _l2(deltas.values())
     scale = bound / norm if math.isfinite(norm) and norm > bound else 1.0
-    out = dict(update)
+    out = {n: x for n, x in update.items() if isinstance(x, np.ndarray)}
     for name, d in deltas.items():
         if scale != 1.0:
             np.multiply(d, scale, out=d)
         out[name] = np.add(d, base[name], out=d)
     if keep_base_integers:
-        out.update({n: base[n] for n, x in update.items() if x.dtype.kind != "f"})
+        out.update({n: base[n] for n, x in update.items() if not is_floating(x)})
     return out, norm <= bound
 
 

@@ -36,14 +36,18 @@ __all__ = [
     "json_to_bytes",
     "partial_from_safetensors",
     "partial_to_safetensors",
+    "safetensors_data_size",
     "tensor_blocks",
     "tensors_from_safetensors",
     "tensors_from_safetensors_file",
     "tensors_to_safetensors",
 ]
 
-# safetensors dtype code <-> numpy dtype (little-endian). BF16 has no numpy dtype: refused.
+# safetensors dtype code <-> numpy dtype (little-endian). numpy has no bfloat16: BF16 tensors are
+# held as their uint16 bit patterns (there is no U16 code here, so uint16 arrays are BF16) and
+# widened exactly by microfl.compress.bf16_to_f32.
 DTYPES: dict[str, np.dtype] = {
+    "BF16": np.dtype("<u2"),
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -121,9 +125,8 @@ def tensors_from_safetensors(
 
 @dataclass(frozen=True)
 class FileTensor:
-    """A tensor of a safetensors file that stays on disk (a spooled upload): what a check needs
-    of an array (dtype, shape) and its data at bytes [begin, end) of the file, read with
-    tensor_blocks."""
+    """A tensor of a safetensors file that stays on disk (a spooled upload): dtype, shape and
+    its data at bytes [begin, end) of the file, read with tensor_blocks."""
 
     file: IO[bytes]
     dtype: np.dtype
@@ -165,6 +168,14 @@ def tensor_blocks(tensor: np.ndarray | FileTensor, nbytes: int = BLOCK) -> Itera
         position += len(data)
 
 
+def safetensors_data_size(head: bytes) -> int:
+    """The data section's size a complete header declares (the largest end offset), for a
+    reader that has the header but not yet the whole object; InvalidUpdate as
+    tensors_from_safetensors when the header is not one. The full checks come after."""
+    ends = [end for _, _, _, end in _layout(head, None)[0].values()]
+    return max(ends, default=0)
+
+
 def _header_length(first: bytes | memoryview, size: int, max_header: int) -> int:
     if size < 8:
         raise InvalidUpdate(
@@ -187,9 +198,9 @@ def _header_length(first: bytes | memoryview, size: int, max_header: int) -> int
 _Slot = tuple[np.dtype, tuple[int, ...], int, int]  # dtype, shape, data offsets [begin, end)
 
 
-def _layout(head: bytes, data_size: int) -> tuple[dict[str, _Slot], dict[str, str]]:
+def _layout(head: bytes, data_size: int | None) -> tuple[dict[str, _Slot], dict[str, str]]:
     """The tensors a header declares, checked against a data section of data_size bytes (the
-    offsets must tile it exactly), and its metadata."""
+    offsets must tile it exactly; None: only each entry is checked), and its metadata."""
     try:
         header = json.loads(
             head, parse_int=_header_int, parse_float=_header_float, parse_constant=_header_float
@@ -211,10 +222,11 @@ def _layout(head: bytes, data_size: int) -> tuple[dict[str, _Slot], dict[str, st
         dtype, shape, (begin, end) = _tensor_info(name, info)
         # At most MAX_DIMS integers of at most MAX_DIGITS digits: small arithmetic.
         size = math.prod(shape) * dtype.itemsize
-        if not (0 <= begin <= end <= data_size) or end - begin != size:
+        limit = end if data_size is None else data_size
+        if not (0 <= begin <= end <= limit) or end - begin != size:
             raise InvalidUpdate(
                 f"tensor {name!r}: data_offsets [{begin}, {end}] do not hold "
-                f"{size} bytes of {shape} inside a {data_size}-byte data section"
+                f"{size} bytes of {shape} inside a {limit}-byte data section"
             )
         if math.prod(d for d in shape if d) * dtype.itemsize > MAX_BYTES:
             raise InvalidUpdate(
@@ -222,6 +234,8 @@ def _layout(head: bytes, data_size: int) -> tuple[dict[str, _Slot], dict[str, st
                 f"describe more than {MAX_BYTES} bytes"
             )
         slots[name] = (dtype, shape, begin, end)
+    if data_size is None:
+        return slots, metadata
 
     position = 0
     for begin, end, name in sorted((b, e, name) for name, (_, _, b, e) in slots.items()):

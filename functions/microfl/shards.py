@@ -38,12 +38,14 @@ import numpy as np
 
 from microfl import robust
 from microfl.clientmetrics import MetricSums, client_metrics
+from microfl.compress import widen
 from microfl.errors import InvalidUpdate, MicroFLError, PoisonEvent
 from microfl.faults import failpoint
 from microfl.jobs import JobSpec, model_key, validate_update
 from microfl.rounds import Rounds, Seal
 from microfl.serde import (
     DTYPES,
+    safetensors_data_size,
     tensors_from_safetensors,
     tensors_from_safetensors_file,
     tensors_to_safetensors,
@@ -186,13 +188,13 @@ def _read_rows(
         row = x[len(examples)]
         for i, first, end in lay.pieces(lo, hi):
             t = lay.spec.schema[i]
-            dtype = DTYPES[t.dtype]
-            begin = offsets[t.name] + first * dtype.itemsize
+            start, dtype = offsets[t.name]  # the update's own: F16 or BF16 for an F32 tensor
+            begin = start + first * dtype.itemsize
             raw = rounds.read_update_range(r, client, begin, (end - first) * dtype.itemsize)
             if raw is None or len(raw) != (end - first) * dtype.itemsize:
                 raise ValueError(f"round {r}: the update of {client} changed while read")
             at = lay.starts[i] + first - lo
-            row[at : at + end - first] = np.frombuffer(raw, dtype=dtype)
+            row[at : at + end - first] = widen(np.frombuffer(raw, dtype=dtype))
         examples.append((client, n))
         metrics += MetricSums.of(reported, n)
         failpoint("shards.mid_read")
@@ -201,11 +203,11 @@ def _read_rows(
 
 def _header(
     rounds: Rounds, r: int, client: str
-) -> tuple[int, dict[str, int], dict[str, float]] | None:
-    """(num_examples, where each tensor's data starts in the object, its metrics) from one
-    ranged read of at most 8 + header_limit bytes (and a 2-byte read at the expected end, for
-    the object's size, when it is longer than that); None if the object is missing. The
-    checks are serde's and validate_update's, so the reasons are theirs."""
+) -> tuple[int, dict[str, tuple[int, np.dtype]], dict[str, float]] | None:
+    """(num_examples, where each tensor's data starts in the object and its dtype, its
+    metrics) from one ranged read of at most 8 + header_limit bytes (and a 2-byte read at the
+    expected end, for the object's size, when it is longer than that); None if the object is
+    missing. The checks are serde's and validate_update's, so the reasons are theirs."""
     spec = rounds.spec
     limit = spec.header_limit
     head = rounds.read_update_range(r, client, 0, 8 + limit)
@@ -214,7 +216,7 @@ def _header(
     size = len(head)
     if size == 8 + limit:  # the object may be longer: it must be exactly what its header says
         (n,) = struct.unpack("<Q", head[:8])
-        size = 8 + n + sum(t.nbytes for t in spec.schema)
+        size = 8 + n + (safetensors_data_size(head[8 : 8 + n]) if n <= limit else 0)
         if n <= limit:
             tail = rounds.read_update_range(r, client, size - 1, 2)
             if tail is None or len(tail) != 1:
@@ -223,7 +225,8 @@ def _header(
                 )
     tensors, metadata = tensors_from_safetensors_file(io.BytesIO(head), size, limit)
     n_examples = validate_update(spec, tensors, metadata, values=False)
-    return n_examples, {name: t.begin for name, t in tensors.items()}, client_metrics(metadata)
+    offsets = {name: (t.begin, t.dtype) for name, t in tensors.items()}
+    return n_examples, offsets, client_metrics(metadata)
 
 
 def _node_to_bytes(values: np.ndarray, meta: ShardMeta, lo: int, hi: int) -> bytes:

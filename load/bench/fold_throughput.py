@@ -17,6 +17,9 @@ passes over all K (best of REPEATS):
   seal, serialising the exact partial and writing it create-only with fsync;
 - the other fold implementations that import (FOLDS), through the same path, for comparison.
 
+- the same updates as fp16, bf16 and int8 deltas (microfl.compress): the fold alone and
+  aggregate.fold_updates on their bodies in memory, beside float32's (per parameter).
+
 GB/s counts the updates' tensor bytes (float32), 1 GB = 1e9 bytes."""
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ QUICK_REPEATS = 2
 FAN_IN = 10
 TARGET = 0.5  # aggregate path GB/s over memcpy GB/s
 HEADLINE = "aggregate_path"
+COMPRESSED = ("fp16", "bf16", "int8")  # encodings whose fold is measured against float32's
+COMPRESSED_TARGET = 1.0  # their fold: at least float32's parameters per second
 # >>> The product's partial-sum fold, the one line to adjust when the aggregate function's fold
 # changes: "strategy" (microfl.strategy.fold into a float64 sum, the aggregate before issue 15),
 # "exactsum" (microfl.exactsum.ExactSum.fold, one update per call), "exactsum_many"
@@ -57,6 +62,13 @@ ROWS = (
     ("aggregate_path", "**aggregate path: read + validate + fold**"),
     ("compute_partial", "compute_partial (+ partial serialised, written, fsync)"),
     ("build_node", "build_node, every leaf (+ seal read, node serialised, written, fsync)"),
+    ("fold_fp16", "fold only, the updates as fp16 (in memory)"),
+    ("fold_bf16", "fold only, the updates as bf16 (in memory)"),
+    ("fold_int8", "fold only, the updates as int8 deltas (in memory)"),
+    ("bytes_f32", "fold_updates on float32 bodies in memory (parse, validate, fold)"),
+    ("bytes_fp16", "fold_updates on fp16 bodies in memory"),
+    ("bytes_bf16", "fold_updates on bf16 bodies in memory"),
+    ("bytes_int8", "fold_updates on int8 bodies in memory (+ decode with the base)"),
 )
 
 
@@ -117,7 +129,26 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": r["ratio"] >= TARGET,
             }
         )
+        for how, ratio in _compressed_ratios(r).items():
+            out.append(
+                {
+                    "target": f"{how} fold >= float32's params/s, {r['params'] / 1e6:g}M params",
+                    "measured": f"{ratio['fold']:.2f}x float32's fold; from bytes "
+                    f"{ratio['bytes']:.2f}x",
+                    "met": ratio["fold"] >= COMPRESSED_TARGET,
+                }
+            )
     return out
+
+
+def _compressed_ratios(row: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per encoding: its fold's and its fold_updates' parameters/s over float32's."""
+    g = row["gbps"]
+    return {
+        how: {"fold": g[f"fold_{how}"] / g["fold"], "bytes": g[f"bytes_{how}"] / g["bytes_f32"]}
+        for how in COMPRESSED
+        if f"fold_{how}" in g and "bytes_f32" in g
+    }
 
 
 def _fold_of(row: dict[str, Any]) -> str:
@@ -176,6 +207,21 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             + (f"; before: {was['ratio']:.0%} with {_fold_of(was)}" if was else "")
             + "."
         )
+    lines += [
+        "",
+        "Compressed updates (the fp16/bf16/int8 rows above; rates in float32-equivalent GB/s, so "
+        f"ratios are parameters per second). Target: each fold >= {COMPRESSED_TARGET:g}x "
+        "float32's.",
+    ]
+    for r in runs:
+        sizes = r.get("update_bytes", {})
+        for how, ratio in _compressed_ratios(r).items():
+            lines.append(
+                f"- {r['params']:,} parameters, {how}: fold {ratio['fold']:.2f}x float32's, "
+                f"fold_updates on bodies {ratio['bytes']:.2f}x"
+                + (f"; body {sizes['f32'] / sizes[how]:.2f}x smaller" if how in sizes else "")
+                + "."
+            )
     lines += ["", report.run_line(result, machine)]
     return "\n".join(lines)
 
@@ -318,6 +364,46 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
         for j in range(leaves):
             aggregate.build_node(b, spec, synth.ROUND, 0, j)
 
+    # Compressed updates (microfl.compress): the same updates as fp16, bf16 and int8 deltas
+    # from the base, folded from memory (decoded: F16/BF16 arrays, int8 codes with their
+    # scales and base) and through aggregate.fold_updates on their bytes in memory (parse,
+    # validate, decode, fold), beside float32 the same way. Rates count the float32 bytes of
+    # the same parameters, so a ratio of two rows is a ratio of parameters per second.
+    from microfl.compress import decode, encode
+    from microfl.serde import tensors_to_safetensors
+
+    bodies: dict[str, list[bytes]] = {"f32": []}
+    for tensors, meta in loaded:
+        bodies["f32"].append(tensors_to_safetensors(tensors, meta))
+        for how in COMPRESSED:
+            bodies.setdefault(how, []).append(
+                tensors_to_safetensors(encode(tensors, how, base), meta)
+            )
+    decoded = {
+        how: [
+            (decode(t, base), int(m["num_examples"]))
+            for t, m in map(tensors_from_safetensors, bodies[how])
+        ]
+        for how in COMPRESSED
+    }
+
+    def fold_encoded(how: str) -> Callable[[], None]:
+        def run_fold() -> None:
+            for i in range(0, k, fan_in):
+                folds[PRODUCT_FOLD](iter(decoded[how][i : i + fan_in]))
+
+        return run_fold
+
+    def parse_fold(how: str) -> Callable[[], None]:
+        def run_parse_fold() -> None:
+            for i in range(0, k, fan_in):
+                acc = ExactSum(base, max_weight=spec.max_examples)
+                members = [(str(j), bodies[how][j]) for j in range(i, min(i + fan_in, k))]
+                meta = aggregate.fold_updates(acc, spec, members, base)
+                assert not meta.excluded, meta.excluded
+
+        return run_parse_fold
+
     steps: dict[str, tuple[Callable[[], None], Callable[[], None] | None]] = {
         "memcpy": (memcpy, None),
         "read": (read, None),
@@ -334,6 +420,10 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
     for name in folds:
         if name != PRODUCT_FOLD:
             steps[f"path_{name}"] = (path(name), None)
+    for how in COMPRESSED:
+        steps[f"fold_{how}"] = (fold_encoded(how), None)
+    for how in ("f32", *COMPRESSED):
+        steps[f"bytes_{how}"] = (parse_fold(how), None)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):  # interleaved, so a burst of load on the machine hits all alike
         for name, (fn, after) in steps.items():
@@ -353,6 +443,7 @@ def child(root: Path, params: int, distinct_mb: int, repeats: int) -> dict[str, 
         "gbps": {name: total / min(ts) / 1e9 for name, ts in times.items()},
         "gbps_median": {name: total / sorted(ts)[len(ts) // 2] / 1e9 for name, ts in times.items()},
         "vm_hwm_mib": procstat.status_mib("VmHWM"),
+        "update_bytes": {how: len(bodies[how][0]) for how in bodies},
     }
 
 

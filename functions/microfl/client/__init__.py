@@ -16,6 +16,7 @@ import numpy as np
 import requests
 
 from microfl.clientmetrics import metrics_to_text
+from microfl.compress import encode
 from microfl.serde import tensors_from_safetensors, tensors_to_safetensors
 
 __all__ = ["Client", "ClientError", "JobDone"]
@@ -44,7 +45,10 @@ class Client:
     retries: int = 8
     backoff: float = 0.2
     timeout: float = 60.0
+    compress: str | None = None  # "fp16", "bf16" or "int8" (microfl.compress); None: as given
+    bytes_sent: int = field(default=0, init=False)  # update bodies posted (each attempt once)
     _mode: str | None = field(default=None, init=False, repr=False)  # a job's mode never changes
+    _last: tuple[int, dict[str, np.ndarray]] | None = field(default=None, init=False, repr=False)
 
     def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -71,7 +75,10 @@ class Client:
         params = {} if version is None else {"version": version}
         resp = self._request("GET", f"/v1/jobs/{self.job}/model", params=params)
         tensors, _ = tensors_from_safetensors(resp.content)
-        return {k: v.copy() for k, v in tensors.items()}, int(resp.headers["MicroFL-Model-Version"])
+        model = {k: v.copy() for k, v in tensors.items()}
+        version = int(resp.headers["MicroFL-Model-Version"])
+        self._last = (version, model)  # the base of an int8 update trained on it
+        return {k: v.copy() for k, v in model.items()}, version
 
     def post_update(
         self,
@@ -79,10 +86,15 @@ class Client:
         tensors: Mapping[str, np.ndarray],
         num_examples: int,
         metrics: Mapping[str, float] | None = None,
+        compress: str | None = None,
+        base: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """Round r's update; `metrics` (finite numbers by name, e.g. the local training loss)
-        go into the round record's example-weighted means."""
-        body = tensors_to_safetensors(tensors, _metadata(num_examples, metrics))
+        go into the round record's example-weighted means. compress ("fp16", "bf16", "int8";
+        default the client's) encodes its float32 tensors (microfl.compress); int8 sends the
+        delta from model r-1, which is `base` or else the model last fetched if it is that
+        version, or else fetched again."""
+        body = self._body(tensors, _metadata(num_examples, metrics), r - 1, compress, base)
         resp = self._request("POST", f"/v1/jobs/{self.job}/rounds/{r}/updates", data=body)
         return dict(resp.json())
 
@@ -92,14 +104,34 @@ class Client:
         num_examples: int,
         base_version: int,
         metrics: Mapping[str, float] | None = None,
+        compress: str | None = None,
+        base: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """An async job's update trained on model version `base_version`: the answer names the
         version buffer it counts in. A 409 `stale` ClientError means versions moved more than
-        max_staleness past the base: fetch the latest model and train again."""
+        max_staleness past the base: fetch the latest model and train again. metrics,
+        compress and base as for post_update (int8: the delta from version base_version)."""
         meta = _metadata(num_examples, metrics) | {"base_version": str(base_version)}
-        body = tensors_to_safetensors(tensors, meta)
+        body = self._body(tensors, meta, base_version, compress, base)
         resp = self._request("POST", f"/v1/jobs/{self.job}/updates", data=body)
         return dict(resp.json())
+
+    def _body(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        meta: dict[str, str],
+        version: int,
+        compress: str | None,
+        base: Mapping[str, np.ndarray] | None,
+    ) -> bytes:
+        how = compress or self.compress
+        if how == "int8" and base is None:
+            last = self._last
+            base = last[1] if last is not None and last[0] == version else self.model(version)[0]
+        encoded = encode(tensors, how, base) if how else tensors
+        body = tensors_to_safetensors(encoded, meta)
+        self.bytes_sent += len(body)
+        return body
 
     def mode(self) -> str:
         """The job's mode, sync or async (asked once: it never changes)."""

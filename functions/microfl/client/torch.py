@@ -194,6 +194,7 @@ class TorchClient:
     module: torch.nn.Module
     slowdown: float = 1.0
     step_time: float = 0.0
+    compress: str | None = None  # "fp16", "bf16", "int8": how updates are sent (else the client's)
     last_base: int = field(default=-1, init=False)  # the version of its last async update
 
     def _train(
@@ -234,7 +235,9 @@ class TorchClient:
         update, num_examples = tensors_from_module(self.module), len(y)
         if tamper is not None:
             update, num_examples = tamper(tensors, update, num_examples)
-        answer = self.client.post_update(r, update, num_examples, _finite(metrics))
+        answer = self.client.post_update(
+            r, update, num_examples, _finite(metrics), compress=self.compress, base=tensors
+        )
         return {**answer, "round": r, "loss": metrics["loss"], "metrics": metrics}
 
     def run_async(
@@ -267,7 +270,12 @@ class TorchClient:
                 update, num_examples = tamper(tensors, update, num_examples)
             try:
                 answer = self.client.post_async_update(
-                    update, num_examples, version, _finite(metrics)
+                    update,
+                    num_examples,
+                    version,
+                    _finite(metrics),
+                    compress=self.compress,
+                    base=tensors,
                 )
             except ClientError as exc:
                 error = exc.body.get("error")

@@ -427,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     from microfl.local import flowercli
 
     flowercli.add_arguments(p)  # sets func
+
+    p = sub.add_parser("compression", help="updates as float32, fp16, bf16, int8 on the demo")
+    from microfl.local import compression
+
+    compression.add_arguments(p)  # sets func
     return parser
 
 

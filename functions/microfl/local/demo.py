@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from microfl.client import Client
+from microfl.compress import ENCODINGS
 from microfl.local.byzantine import (
     Attack,
     add_attack_arguments,
@@ -87,6 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_attack_arguments(p, several=False)
     add_async_arguments(p)
     add_straggler_arguments(p, d.slow_fraction, d.slowdown, d.step_time)
+    p.add_argument("--compress", choices=ENCODINGS, help="clients send updates so compressed")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -207,6 +209,7 @@ def train_on(
             HEADER
             if versions
             else f"{'round':>5} {'accuracy':>9} {'loss':>7} {'updates':>8} {'time s':>7} "
+            + f"{'MB up':>7} "
             + CLIENT_HEADER
         ),
         flush=True,
@@ -231,8 +234,9 @@ def train_on(
             futures = [
                 pool.submit(run_clients, state["ingest_url"], job, g, config, r) for g in groups
             ]
+            sent = 0  # bytes of the update bodies posted this round
             for done, future in enumerate(as_completed(futures), 1):
-                future.result()
+                sent += sum(answer["bytes"] for answer in future.result())
                 _progress(r, done, len(groups))
             observer.wait_for_version(r, timeout=600, poll=0.1)
             tensors, _ = observer.model(r)
@@ -245,6 +249,7 @@ def train_on(
                     "loss": loss,
                     "included": len(record["included"]),
                     "excluded": len(record["excluded"]),
+                    "bytes_uploaded": sent,
                     "seconds": round(time.monotonic() - start, 3),
                     "elapsed": round(float(record["committed_at"]) - started, 3),
                     "client_metrics": record.get("metrics"),  # clients' own, example-weighted
@@ -253,7 +258,8 @@ def train_on(
             _clear_progress()
             print(
                 f"{r:>5} {acc:>9.3f} {loss:>7.3f} {len(record['included']):>8} "
-                f"{rows[-1]['seconds']:>7.2f} {client_columns(record.get('metrics'))}",
+                f"{rows[-1]['seconds']:>7.2f} {sent / 1e6:>7.3f} "
+                f"{client_columns(record.get('metrics'))}",
                 flush=True,
             )
     if chaos is not None:

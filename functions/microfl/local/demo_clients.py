@@ -133,11 +133,15 @@ def run_clients(
         return list(threads.map(lambda m: step(url, job, m, config, r or 0), group))
 
 
-def _torch_client(url: str, job: str, m: Member) -> Any:
+def _torch_client(url: str, job: str, m: Member, compress: str | None) -> Any:
     from microfl.client.torch import TorchClient, mlp
 
     return TorchClient(
-        Client(url, job, m.token, retries=10), mlp(), slowdown=m.slowdown, step_time=m.step_time
+        Client(url, job, m.token, retries=10),
+        mlp(),
+        slowdown=m.slowdown,
+        step_time=m.step_time,
+        compress=compress,
     )
 
 
@@ -156,13 +160,16 @@ def _options(config: DemoConfig, m: Member, step: int) -> dict[str, Any]:
 
 
 def _round(url: str, job: str, m: Member, config: DemoConfig, r: int) -> dict[str, Any]:
-    return dict(_torch_client(url, job, m).run_round(**_options(config, m, r)))
+    """The server's answer, the loss, and "bytes": the update bodies it posted."""
+    client = _torch_client(url, job, m, config.compress)
+    answer = client.run_round(**_options(config, m, r))
+    return {**answer, "bytes": client.client.bytes_sent}
 
 
 def _versions(url: str, job: str, m: Member, config: DemoConfig, _: int) -> dict[str, Any]:
     """One client of an async job, training continuously: (its accepted update ids, how many
     trainings a 409 stale threw away)."""
-    client = _torch_client(url, job, m)
+    client = _torch_client(url, job, m, config.compress)
     accepted: list[str] = []
     stale = 0
     while True:

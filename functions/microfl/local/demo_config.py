@@ -40,6 +40,7 @@ class DemoConfig:
     slow_fraction: float = 0.0  # stragglers: microfl.local.demo_clients.slow_clients
     slowdown: float = 1.0
     step_time: float = 0.0  # simulated devices: seconds a local training takes at least
+    compress: str | None = None  # how clients send updates: fp16, bf16, int8 (microfl.compress)
 
     @property
     def k(self) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 from microfl import shards
 from microfl.buffers import Buffers, parse_update_id, update_id
 from microfl.buffers import update_key as async_update_key
+from microfl.compress import dense
 from microfl.jobs import JobSpec, load_job, model_key, optimizer_key, validate_update
 from microfl.local.reference import clipped, fedavg, fedavg_error, fedbuff, krum, statistic
 from microfl.privacy import DP, DpState, generator, noise_key
@@ -157,7 +158,8 @@ def _model_is_right(
     updates = []
     for client in record["included"]:
         tensors, metadata = tensors_from_safetensors(store.read(update_key(job, r, client)) or b"")
-        updates.append((tensors, validate_update(spec, tensors, metadata)))
+        n = validate_update(spec, tensors, metadata)
+        updates.append((dense(tensors, base), n))  # F16/BF16 widened, int8 dequantised
     names = sorted(base)
     if spec.sharded:
         xs = [u for u, _ in updates]
@@ -236,6 +238,7 @@ def _version_is_right(store: ObjectStore, spec: JobSpec, r: int, record: dict, r
         tensors, meta = tensors_from_safetensors(
             store.read(async_update_key(spec.job, base, client)) or b""
         )
-        updates.append((tensors, validate_update(spec, tensors, meta), model(base), r - 1 - base))
+        n = validate_update(spec, tensors, meta)
+        updates.append((dense(tensors, model(base)), n, model(base), r - 1 - base))
     exact = fedbuff(current, updates, spec.staleness_exponent, spec.options.get("clip"))
     return fedavg_error(got, exact) <= rtol
