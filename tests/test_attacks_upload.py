@@ -170,7 +170,9 @@ def test_a_valid_update_header_fits_the_jobs_limit_with_room_to_spare(
         raw = tensors[name].tobytes()
         layout[name] = entry("F32", list(tensors[name].shape), [offsets, offsets + len(raw)])
         offsets += len(raw)
-    metrics = json.dumps({f"accuracy_class_{i}": 0.5 for i in range(50)})  # 1.5 kB
+    # 1.5 kB of metrics, within their own limits (32 names)
+    metrics = json.dumps({f"holdout_top1_accuracy_of_class_{i:02d}": 0.123456 for i in range(32)})
+    assert len(metrics) > 1400
     header = {"__metadata__": {"num_examples": "7", "metrics": metrics}, **layout}
     data = b"".join(tensors[name].tobytes() for name in sorted(tensors))
     body = safetensors_file(json.dumps(header, indent=2).encode(), data)
