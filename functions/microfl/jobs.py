@@ -370,8 +370,7 @@ def validate_update(
         elif code != t.dtype and not (t.dtype == "F32" and code in HALF):
             also = " (or F16, BF16, or I8 codes with their scales)" if t.dtype == "F32" else ""
             raise SchemaMismatch(
-                f"update tensor {name!r} has dtype {code}; the job's model expects "
-                f"{t.dtype}{also}"
+                f"update tensor {name!r} has dtype {code}; the job's model expects {t.dtype}{also}"
             )
         if values and (arr.dtype.kind == "f" or code == "BF16"):
             _check_values(name, arr)
