@@ -55,23 +55,28 @@ def crashing(
 def test_crash_at_every_failpoint_commits_identical_bytes(
     crashing: tuple[LocalRuntime, FileStore, Path], tmp_path: Path
 ) -> None:
+    """Each failpoint fires once per run of the module. An instance serves requests on several
+    threads, so a crash at one failpoint can take another request down before it reaches its
+    own (finalize.after_closing, once in CI); that one fires in the next job instead."""
     runtime, store, markers = crashing
     model = make_model(3)
-    updates = make_updates(model, 12, seed=4)
-    job = new_job(store, model, rounds=2, min_clients=12, fan_in=4)
-    post_all(runtime.ingest_url, job, updates)
+    for attempt in range(3):
+        updates = make_updates(model, 12, seed=4 + attempt)
+        job = new_job(store, model, rounds=2, min_clients=12, fan_in=4)
+        post_all(runtime.ingest_url, job, updates)
 
-    runtime.wait_committed(store, job, 1, timeout=180)
-    fired = sorted(p.name.removeprefix("fired-") for p in markers.iterdir())
-    assert fired == sorted(FAILPOINTS), "every failpoint killed its process once"
-
-    ref = reference(store, job, tmp_path / "ref", sorted(updates))
-    assert store.read(model_key(job, 1)) == ref.read(model_key(job, 1))
-    record = json_from_bytes(store.read(record_key(job, 1)) or b"")
-    assert record["included"] == sorted(updates)
-    verdict = check_job(store, job, {(1, c) for c in updates}, slack=600)
-    assert verdict.ok, verdict  # each update in exactly one leaf, the model FedAvg
-    assert store.list(f"jobs/{job}/models/") == [model_key(job, 0), model_key(job, 1)]
+        runtime.wait_committed(store, job, 1, timeout=180)
+        ref = reference(store, job, tmp_path / f"ref{attempt}", sorted(updates))
+        assert store.read(model_key(job, 1)) == ref.read(model_key(job, 1))
+        record = json_from_bytes(store.read(record_key(job, 1)) or b"")
+        assert record["included"] == sorted(updates)
+        verdict = check_job(store, job, {(1, c) for c in updates}, slack=600)
+        assert verdict.ok, verdict  # each update in exactly one leaf, the model FedAvg
+        assert store.list(f"jobs/{job}/models/") == [model_key(job, 0), model_key(job, 1)]
+        fired = sorted(p.name.removeprefix("fired-") for p in markers.iterdir())
+        if fired == sorted(FAILPOINTS):
+            break
+    assert fired == sorted(FAILPOINTS), "every failpoint killed its process once, within 3 jobs"
 
 
 def test_external_sigkill_of_whole_instances_mid_round(
