@@ -59,7 +59,7 @@ class Bar:
         """Show text beside the bar (a terminal only: a log gets it with the next step)."""
         self.text = text
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, status=text)
+            self._progress.update(self._task, status=text, refresh=True)
 
     def advance(self, steps: int = 1, status: str | None = None) -> None:
         """steps more are done; on a plain stream, one line saying so."""
@@ -67,7 +67,7 @@ class Bar:
         if status is not None:
             self.text = status
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, advance=steps, status=self.text)
+            self._progress.update(self._task, advance=steps, status=self.text, refresh=True)
         else:
             print(self.line(), file=self.stream, flush=True)
 
