@@ -91,7 +91,9 @@ clean: down
 # Locust's FL clients against the local platform (load/locustfile.py): started detached if none
 # is running (and stopped again), a job whose model is LOAD_KB KiB with quorum LOAD_USERS, a
 # headless LOAD_PROFILE run of LOAD_SECONDS; Locust's CSV and HTML in load/results/, then
-# load/check_lost.py: every accepted update in exactly one round record; rate and p50/p95.
+# load/check_lost.py: every accepted update in exactly one round record; rate and p50/p95; and
+# what the functions counted (GET /metrics of every instance before and after: uploads, bytes,
+# folds, seal/partial/commit latencies, events), microfl.local.loadmetrics.
 LOAD_USERS ?= 30
 LOAD_SECONDS ?= 60
 LOAD_KB ?= 64
@@ -107,13 +109,15 @@ load: setup
 	job=$$($(BIN)/python load/locustfile.py job --kb $(LOAD_KB) --min-clients $(LOAD_USERS)) \
 	  || exit 1; \
 	echo "==> job $$job: $(LOAD_USERS) clients, $(LOAD_KB) KiB updates, $(LOAD_PROFILE) for $(LOAD_SECONDS)s"; \
+	$(BIN)/python -m microfl.local.loadmetrics snapshot load/results/metrics-before.json || exit 1; \
 	MICROFL_JOB=$$job MICROFL_PROFILE=$(LOAD_PROFILE) MICROFL_USERS=$(LOAD_USERS) \
 	  MICROFL_DURATION=$(LOAD_SECONDS) MICROFL_LEDGER=load/results/ledger.jsonl \
 	  $(BIN)/locust -f load/locustfile.py --headless --only-summary --stop-timeout 10 \
 	  --csv load/results/locust --html load/results/locust.html; rc=$$?; \
 	echo "==> checking for lost updates"; \
 	$(BIN)/python load/check_lost.py --job $$job --ledger load/results/ledger.jsonl \
-	  --stats load/results/locust_stats.csv --json load/results/check.json || rc=1; \
+	  --stats load/results/locust_stats.csv --json load/results/check.json \
+	  --metrics-before load/results/metrics-before.json || rc=1; \
 	exit $$rc
 
 # --- GKE (README "Run on GKE"): tools, image, deploy -----------------------------------------

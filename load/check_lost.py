@@ -8,6 +8,11 @@ open when the run stopped seal at their deadline, so this waits for them (--wait
 
     python load/check_lost.py --job JOB [--ledger 'load/results/ledger*.jsonl']
                               [--stats load/results/locust_stats.csv] [--json out.json]
+                              [--metrics-before load/results/metrics-before.json]
+
+With --metrics-before (written before the run by `python -m microfl.local.loadmetrics snapshot`)
+it scrapes GET /metrics of the local platform's functions again once the rounds are committed and
+reports what they counted during the run (microfl.local.loadmetrics) beside Locust's figures.
 
 Exit status 1 when an update is lost, counted twice or unresolved, else 0. URL and credentials
 as for the locustfile: MICROFL_URL, MICROFL_SECRET or MICROFL_TOKENS, else the local platform's.
@@ -165,6 +170,19 @@ def locust_stats(path: Path) -> dict[str, Any]:
     return out
 
 
+def functions_figures(before: Path) -> dict[str, Any] | None:
+    """What the local platform's functions counted since the `before` scrape (None, said on
+    stderr, without a local platform: a deployment is scraped by its Prometheus)."""
+    from microfl.local.loadmetrics import delta, snapshot, summary
+    from microfl.local.platform import read_state
+
+    state = read_state()
+    if state is None or not before.is_file():
+        print(f"no functions' metrics: no local platform or no {before}", file=sys.stderr)
+        return None
+    return summary(delta(json.loads(before.read_text()), snapshot(state["processes"])))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--job", default=os.environ.get("MICROFL_JOB"))
@@ -176,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats", type=Path, help="Locust's {prefix}_stats.csv, to print rates")
     parser.add_argument("--wait", type=float, default=90.0, help="seconds to wait for commits")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument(
+        "--metrics-before",
+        type=Path,
+        help="the functions' /metrics scraped before the run (microfl.local.loadmetrics)",
+    )
     args = parser.parse_args(argv)
     if not args.job:
         parser.error("give --job or set MICROFL_JOB")
@@ -186,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     result = check(_url(), args.job, _token(args.job), ledger, args.wait)
     if args.stats:
         result["locust"] = locust_stats(args.stats)
+    if args.metrics_before:
+        result["functions"] = functions_figures(args.metrics_before)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
@@ -202,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"uploads {post['rps']:.1f}/s, p50 {post['p50_ms']:.0f} ms, "
                 f"p95 {post['p95_ms']:.0f} ms; {post['failures']} failed of {post['requests']}"
             )
+    if result.get("functions"):
+        from microfl.local.loadmetrics import report_lines
+
+        print("\n".join(report_lines(result["functions"])))
     outcomes = ", ".join(f"{v} {k}" for k, v in sorted(result["outcomes"].items()))
     print(
         f"updates: {outcomes or 'none posted'}; {result['rounds_committed']} rounds committed; "

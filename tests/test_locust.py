@@ -134,6 +134,8 @@ def test_headless_steady_run_fails_nothing_and_loses_nothing(tmp_path: Path) -> 
             "MICROFL_DURATION": "20",
             "MICROFL_LEDGER": str(tmp_path / "ledger.jsonl"),
         }
+        before = tmp_path / "metrics-before.json"  # the functions' counters, for the report
+        run(sys.executable, "-m", "microfl.local.loadmetrics", "snapshot", str(before), env=env)
         started = time.monotonic()
         run(str(BIN / "locust"), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
             "--stop-timeout", "5", "--csv", str(tmp_path / "locust"), env=load_env,
@@ -141,7 +143,8 @@ def test_headless_steady_run_fails_nothing_and_loses_nothing(tmp_path: Path) -> 
         load_seconds = time.monotonic() - started
         out = run(sys.executable, str(CHECK_LOST), "--job", job, "--wait", "60",
                   "--stats", str(tmp_path / "locust_stats.csv"),
-                  "--json", str(tmp_path / "check.json"), env=load_env)  # fmt: skip
+                  "--json", str(tmp_path / "check.json"), "--metrics-before", str(before),
+                  env=load_env)  # fmt: skip
     finally:
         run(microfl, "down", env=env)
     result = json.loads((tmp_path / "check.json").read_text())
@@ -156,3 +159,15 @@ def test_headless_steady_run_fails_nothing_and_loses_nothing(tmp_path: Path) -> 
     assert result["accepted"] >= 20
     assert result["lost"] == [] and result["doubled"] == [] and result["unresolved"] == []
     assert result["included"] + len(result["excluded"]) == result["accepted"]
+
+    # What the functions counted over the same run, beside Locust's figures.
+    functions = result["functions"]
+    assert "functions (GET /metrics of" in out and "uploads answered:" in out
+    gone = {g.split("/")[0] for g in functions["instances_gone"]}
+    if "ingest" not in gone:  # an instance stopped mid-run took its counts with it
+        assert functions["uploads"].get("202", 0) == result["outcomes"]["accepted"]
+        assert functions["upload_bytes"] > 64 * 1024 * result["outcomes"]["accepted"]
+    if not gone & {"aggregate", "finalize"}:
+        assert functions["folded_updates"] >= result["included"]
+        assert functions["commit"]["count"] >= result["rounds_committed"]
+        assert functions["commit"]["p95"] is not None and functions["seal"]["mean"] > 0

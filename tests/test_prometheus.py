@@ -158,3 +158,65 @@ def test_refused_events_are_counted_and_delivery_still_works(
     assert not any("anything-a-sender-likes" in str(labels) for _, labels in after)
     assert requests.get(aggregate + "/", timeout=10).status_code == 405
     assert requests.get(aggregate + "/metrics", timeout=10).status_code == 200
+
+
+def test_load_report_figures_from_the_scrapes(platform: tuple[LocalRuntime, FileStore]) -> None:
+    """microfl.local.loadmetrics on the functions' real /metrics text: what a round did, as the
+    Locust report shows it (every instance scraped before and after, matched by pid)."""
+    from microfl.local.loadmetrics import delta, quantile, report_lines, snapshot, summary
+
+    rt, store = platform
+    model = make_model()
+    job = new_job(store, model, rounds=1, min_clients=4, fan_in=2)
+    bodies = {c: update_bytes(t, n) for c, (t, n) in make_updates(model, 4).items()}
+    url = f"{rt.ingest_url}/v1/jobs/{job}/rounds/1/updates"
+
+    def post(client: str) -> int:
+        headers = auth(job, client) | {"Content-Type": "application/octet-stream"}
+        return requests.post(url, data=bodies[client], headers=headers, timeout=30).status_code
+
+    before = snapshot(rt.processes())
+    assert sorted(post(c) for c in bodies) == [202] * 4
+    first = sorted(bodies)[0]
+    assert post(first) == 200  # a replay: its body is read and compared
+    rt.wait_committed(store, job, 1)
+
+    def figures() -> dict:
+        return summary(delta(before, snapshot(rt.processes())))
+
+    eventually(lambda: figures()["commit"]["count"] == 1, "finalize counts its commit")
+    f = figures()
+    assert f["uploads"] == {"200": 1, "202": 4}
+    assert f["upload_bytes"] == sum(len(b) for b in bodies.values()) + len(bodies[first])
+    values = sum(int(a.size) for a in model.values())
+    assert (f["folded_updates"], f["folded_values"]) == (4, 4 * values)
+    assert f["fold_values_per_leaf_second"] > 0
+    assert (f["leaf"]["count"], f["seal"]["count"], f["commit"]["count"]) == (2, 1, 1)
+    for step in ("leaf", "seal", "commit"):
+        h = f[step]
+        assert h["mean"] > 0 and 0 < h["p50"] <= h["p95"] <= h["p99"] <= 300
+    assert f["events_published"][events.ROUND_COMMITTED] == 1
+    assert f["events_published"][events.PARTIAL_REQUESTED] >= 2
+    assert f["events_dead_lettered"] == {}
+    assert f["instances"]["ingest"] >= 1 and f["instances_gone"] == []
+    text = "\n".join(report_lines(f))
+    assert "uploads answered: 1 x 200, 4 x 202" in text
+    assert any(line.split()[:3] == ["commit", "1", "x"] for line in text.splitlines())
+
+    # An instance that started during the run counts from zero; one that stopped is named.
+    after = snapshot(rt.processes())
+    moved = {"taken_at": after["taken_at"], "instances": [
+        {**i, "pid": -i["pid"]} if i["role"] == "finalize" else i for i in after["instances"]
+    ]}  # fmt: skip
+    d = delta(before, moved)
+    total = value(scrape(rt, "finalize"), "microfl_commit_seconds_count")
+    assert summary(d)["commit"]["count"] == total >= 1  # the instance's whole count
+    assert {g.split("/")[0] for g in d["gone"]} == {"finalize"}
+    assert "stopped during the run" in "\n".join(report_lines(summary(d)))
+
+    # histogram_quantile's interpolation, and the highest finite bound past it.
+    buckets = [(0.1, 2.0), (0.5, 6.0), (1.0, 8.0), (float("inf"), 8.0)]
+    assert quantile(0.5, buckets) == pytest.approx(0.3)
+    assert quantile(0.99, buckets) == pytest.approx(0.98)
+    assert quantile(0.99, [(1.0, 1.0), (float("inf"), 2.0)]) == 1.0
+    assert quantile(0.5, [(1.0, 0.0), (float("inf"), 0.0)]) is None

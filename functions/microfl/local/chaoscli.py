@@ -23,6 +23,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from microfl.local.chaos import ChaosEnv, run_scenario, scenario_names
+    from microfl.local.progress import bar
 
     names = scenario_names(args.scenario, args.mode)
     work = Path(tempfile.mkdtemp(prefix="microfl-chaos-"))
@@ -32,21 +33,24 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     env = ChaosEnv(work).start()
     results = []
     try:
-        for name in names:
-            results.append(
-                run_scenario(
-                    env,
-                    name,
-                    seed=args.seed,
-                    clients=args.clients,
-                    rounds=args.rounds,
-                    say=lambda m: print(m, flush=True),
-                    strategy=args.strategy,
-                    strategy_options=_strategy_options(args.strategy_option),
-                    mode=args.mode,
-                    buffer=args.buffer,
+        with bar("chaos", len(names), "scenarios") as progress:
+            for name in names:
+                progress.status(f"running {name}")
+                results.append(
+                    run_scenario(
+                        env,
+                        name,
+                        seed=args.seed,
+                        clients=args.clients,
+                        rounds=args.rounds,
+                        say=lambda m: print(m, flush=True),
+                        strategy=args.strategy,
+                        strategy_options=_strategy_options(args.strategy_option),
+                        mode=args.mode,
+                        buffer=args.buffer,
+                    )
                 )
-            )
+                progress.advance(status=f"{name} {'ok' if results[-1].ok else 'FAILED'}")
     finally:
         env.stop()
         os.environ.pop("STORAGE_EMULATOR_HOST", None)

@@ -93,12 +93,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from microfl.local.metricsview import job_lines, job_metrics
     from microfl.local.platform import read_state
+    from microfl.local.statusview import add_progress, print_progress
 
     state = read_state() or {"processes": []}
     for p in state["processes"]:
         p["alive"] = psutil.pid_exists(p["pid"])
     if state["processes"]:  # each job's latest round and its client metrics
         state["jobs"] = job_metrics(_store())
+        add_progress(_store(), state["jobs"])  # each running job's open round: updates, deadline
     if args.json:
         print(json.dumps(state, indent=2))
     elif not state["processes"]:
@@ -110,6 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{p['role']:<16} {mark:<4} pid {p['pid']:<8} {port}")
         print(f"ingest URL: {state['ingest_url']}")
         print("\n".join(["jobs:", *job_lines(state["jobs"])]) if state["jobs"] else "no jobs")
+        print_progress(state["jobs"])
     return 0
 
 

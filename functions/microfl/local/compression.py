@@ -47,12 +47,14 @@ def data_bytes(shapes: list[tuple[int, ...]], encoding: str) -> int:
 def compare(base: DemoConfig, encodings: list[str], report: Path) -> list[Outcome]:
     """Every encoding on one platform, in order; the report is rewritten after each run."""
     from microfl.local.demo import one_platform
+    from microfl.local.progress import bar
 
     report.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     started = time.monotonic()
-    with one_platform(base) as train:
+    with one_platform(base) as train, bar("compression", len(encodings), "runs") as progress:
         for n, encoding in enumerate(encodings, 1):
+            progress.status(encoding)
             print(f"\n=== [{n}/{len(encodings)}] updates sent as {encoding}", flush=True)
             config = replace(base, compress=None if encoding == NONE else encoding, baseline=False)
             t0 = time.monotonic()
@@ -67,6 +69,7 @@ def compare(base: DemoConfig, encodings: list[str], report: Path) -> list[Outcom
                 )
             )
             write_report(report, base, outcomes, time.monotonic() - started)
+            progress.advance(status=f"{encoding}: accuracy {outcomes[-1].final:.3f}")
     print(f"\ncompression: {len(encodings)} runs in {time.monotonic() - started:.0f}s; {report}")
     return outcomes
 

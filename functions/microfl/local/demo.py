@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -42,6 +41,7 @@ from microfl.local.demo_config import DemoConfig, DemoResult
 from microfl.local.demo_versions import HEADER, run_versions
 from microfl.local.jobargs import add_async_arguments, add_strategy_arguments, strategy_options
 from microfl.local.metricsview import CLIENT_HEADER, client_columns
+from microfl.local.progress import bar
 
 __all__ = [
     "DemoConfig",
@@ -214,7 +214,11 @@ def train_on(
         ),
         flush=True,
     )
-    with contextlib.nullcontext(pool) if pool else client_pool(config) as pool:
+    unit = "version" if versions else "round"
+    with (
+        contextlib.nullcontext(pool) if pool else client_pool(config) as pool,
+        bar("demo", config.rounds, f"{unit}s") as progress,
+    ):
         started = time.time()
         if versions:
             rows, clients = run_versions(
@@ -226,6 +230,7 @@ def train_on(
                 evaluate_model,
                 started,
                 chaos.round_started if chaos else None,
+                progress,
             )
         for r in range(1, 0 if versions else config.rounds + 1):
             start = time.monotonic()
@@ -237,7 +242,7 @@ def train_on(
             sent = 0  # bytes of the update bodies posted this round
             for done, future in enumerate(as_completed(futures), 1):
                 sent += sum(answer["bytes"] for answer in future.result())
-                _progress(r, done, len(groups))
+                progress.status(f"round {r}: {done}/{len(groups)} client processes done")
             observer.wait_for_version(r, timeout=600, poll=0.1)
             tensors, _ = observer.model(r)
             loss, acc = evaluate_model(tensors)
@@ -255,13 +260,13 @@ def train_on(
                     "client_metrics": record.get("metrics"),  # clients' own, example-weighted
                 }
             )
-            _clear_progress()
             print(
                 f"{r:>5} {acc:>9.3f} {loss:>7.3f} {len(record['included']):>8} "
                 f"{rows[-1]['seconds']:>7.2f} {sent / 1e6:>7.3f} "
                 f"{client_columns(record.get('metrics'))}",
                 flush=True,
             )
+            progress.advance(status=f"accuracy {acc:.3f}")
     if chaos is not None:
         chaos.stop()
 
@@ -310,7 +315,6 @@ def train_on(
         "clients": clients,
     }
     (report / "metrics.json").write_text(json.dumps(summary, indent=2))
-    unit = "version" if versions else "round"
     for r in range(1, config.rounds + 1):
         (report / f"{unit}-{r:03d}.json").write_text(json.dumps(observer.record(r), indent=2))
     plot_accuracy(
@@ -329,19 +333,3 @@ def train_on(
 def _model_bytes(client: Client, version: int) -> bytes:
     resp = client._request("GET", f"/v1/jobs/{client.job}/model", params={"version": version})
     return resp.content
-
-
-# --- terminal output ---------------------------------------------------------------------------
-
-
-def _progress(r: int, done: int, total: int) -> None:
-    if sys.stdout.isatty():
-        bar = "#" * (20 * done // total)
-        print(
-            f"\r  round {r}: [{bar:<20}] {done}/{total} client processes done", end="", flush=True
-        )
-
-
-def _clear_progress() -> None:
-    if sys.stdout.isatty():
-        print("\r" + " " * 60 + "\r", end="", flush=True)

@@ -15,6 +15,7 @@ from microfl.local.metricsview import CLIENT_HEADER, client_columns
 
 if TYPE_CHECKING:
     from microfl.local.demo_config import DemoConfig
+    from microfl.local.progress import Bar
 
 __all__ = ["HEADER", "row_line", "run_versions"]
 
@@ -41,6 +42,7 @@ def run_versions(
     evaluate: Callable[[dict[str, Any]], tuple[float, float]],
     started: float,
     on_version: Callable[[int], None] | None = None,
+    progress: Bar | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(a row per version: test accuracy and loss, updates, mean staleness, seconds since
     `started` (time.time()) at its commit; each client's accepted update ids and stale
@@ -78,6 +80,8 @@ def run_versions(
         )
         last = at
         print(row_line(rows[-1]), flush=True)
+        if progress is not None:
+            progress.advance(status=f"accuracy {accuracy:.3f}")
         if on_version is not None:
             on_version(v)
         v += 1

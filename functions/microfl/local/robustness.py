@@ -95,12 +95,14 @@ def compare(base: DemoConfig, runs: list[Run], report: Path) -> list[Outcome]:
     plot and results.json are rewritten after each run, so an interrupted comparison keeps what
     it has."""
     from microfl.local.demo import one_platform
+    from microfl.local.progress import bar
 
     report.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     started = time.monotonic()
-    with one_platform(base) as train:
+    with one_platform(base) as train, bar("robustness", len(runs), "runs") as progress:
         for n, run in enumerate(runs, 1):
+            progress.status(run.label)
             print(
                 f"\n=== [{n}/{len(runs)}] {run.label}"
                 + describe(run.attack, base.clients, base.byzantine, base.boost)
@@ -119,6 +121,7 @@ def compare(base: DemoConfig, runs: list[Run], report: Path) -> list[Outcome]:
             accuracy = [row["accuracy"] for row in result.rows]
             outcomes.append(Outcome(run, result.job, accuracy, time.monotonic() - t0))
             write_report(report, base, outcomes, time.monotonic() - started)
+            progress.advance(status=f"{run.label}: accuracy {outcomes[-1].final:.3f}")
     print(f"\nrobustness: {len(runs)} runs in {time.monotonic() - started:.0f}s; {report}")
     return outcomes
 

@@ -75,22 +75,27 @@ def compare(base: DemoConfig, report: Path) -> list[Curve]:
     then sync and async on the same platform and client pool; the report is rewritten after
     each run."""
     from microfl.local.demo import one_platform
+    from microfl.local.progress import bar
 
     report.mkdir(parents=True, exist_ok=True)
     sync, asynchronous = plan(base)
     curves: list[Curve] = []
     started = time.monotonic()
-    with one_platform(base) as train:
+    with one_platform(base) as train, bar("stragglers", 3, "runs") as progress:
+        progress.status("warm-up")
         print("\n=== warm-up (not timed): 1 round, 1 epoch, no stragglers", flush=True)
         train(replace(sync, rounds=1, epochs=1, slow_fraction=0.0, baseline=False))
+        progress.advance()
         for label, config in (
             (f"sync FedAvg, {sync.rounds} rounds of all {sync.clients}", sync),
             (f"async FedBuff, {asynchronous.rounds} versions of K={asynchronous.k}", asynchronous),
         ):
             print(f"\n=== {label} ({time.monotonic() - started:.0f}s so far)", flush=True)
+            progress.status(label)
             result = train(replace(config, baseline=False))
             curves.append(curve(label, result))
             write_report(report, base, curves, time.monotonic() - started)
+            progress.advance(status=f"{label}: accuracy {curves[-1].final:.3f}")
     print(f"\nstragglers: done in {time.monotonic() - started:.0f}s; {report}")
     return curves
 
