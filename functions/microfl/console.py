@@ -46,7 +46,7 @@ COOKIE = "microfl_console"
 SESSION_TTL = 12 * 3600  # seconds; a token that expires sooner ends the session sooner
 MAX_FORM_BYTES = 8192  # a sign-in form is a token (at most 2 kB) and a field name
 HEADERS = {
-    # Scripts and styles from the console's own /static only: no inline script, no CDN.
+    # Scripts and styles from the console's own /assets only: no inline script, no CDN.
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
     "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'",
@@ -205,8 +205,8 @@ def handle(request: flask.Request) -> flask.Response:
 
 def _route(request: flask.Request) -> flask.Response:
     path, method = request.path, request.method
-    if path.startswith("/static/"):
-        asset = pages.ASSETS.get(path[len("/static/") :])
+    if path.startswith("/assets/"):
+        asset = pages.ASSETS.get(path[len("/assets/") :])
         if asset is None or method not in ("GET", "HEAD"):
             return _answer("not found", 404, "text/plain; charset=utf-8")
         response = _answer(asset[0], 200, asset[1])

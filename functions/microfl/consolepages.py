@@ -19,8 +19,8 @@ _BASE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{% block title %}Micro-FL console{% endblock %}</title>
-<link rel="stylesheet" href="/static/console.css">
-<script src="/static/console.js" defer></script>
+<link rel="stylesheet" href="/assets/console.css">
+<script src="/assets/console.js" defer></script>
 </head><body>
 <header><a class="brand" href="/">Micro-FL console</a>
 {% if signed_in %}<span class="who">admin of {{ 'every job' if scope == '*' else scope }}</span>
@@ -281,7 +281,7 @@ def timeline_chart(timeline: Sequence[dict[str, Any]], now: float) -> Markup:
     )
 
 
-# --- assets, served as /static/<name> ----------------------------------------------------------
+# --- assets, served as /assets/<name> ----------------------------------------------------------
 
 _JS = """"use strict";
 // Refreshes every [data-live] element from its fragment URL while the page is shown; reloads
