@@ -26,7 +26,7 @@ from microfl.tokens import issue_token
 
 MAIN = str(Path(__file__).resolve().parents[1] / "functions" / "main.py")
 HOSTILE = '<img src=x onerror="document.title=1">'  # printable: a valid metric name
-HOSTILE_ID = "<script>alert(1)</script>"  # ingest refuses such ids; the console must not trust
+HOSTILE_ID = "<svg onload=alert(1)>"  # ingest refuses such ids; the console trusts no store
 
 
 def post_round(store: FileStore, job: str, r: int, n: int, late: str | None = None) -> None:
@@ -236,9 +236,9 @@ def test_job_page_shows_rounds_exclusions_metrics_and_escapes_client_text(client
     sign_in(client)
     page = client.get(f"/jobs/{busy}").data.decode()
     # Nothing a client chose reaches the page as markup.
-    assert "<img" not in page and "<script>alert" not in page
+    assert "<img" not in page and "<svg onload" not in page
     assert "&lt;img src=x onerror=&#34;document.title=1&#34;&gt;" in page  # metric name
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # client id of the late update
+    assert "&lt;svg onload=alert(1)&gt;" in page  # client id of the late update
     assert "arrived after round 2 was sealed" in page
     # Timeline: round 3 open with one update, 2 and 1 committed with their tree's nodes.
     assert re.search(r'id="round-3"><td>3</td><td>open', page)
