@@ -229,7 +229,7 @@ def participation_chart(history: Sequence[dict[str, Any]], x_label: str = "round
 
 def timeline_chart(timeline: Sequence[dict[str, Any]], now: float) -> Markup:
     """One row per round, on one time axis: filling (opened to sealed), committing (sealed to
-    committed), a tick where each partial of its tree was requested after the seal."""
+    committed), a tick where each partial of its tree was requested."""
     rows = [t for t in reversed(timeline) if t["opened_at"] is not None]
     if not rows:
         return Markup("")
