@@ -72,6 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FileStore,
         update_key(busy, 3, "client-in-3"),
         tensors_to_safetensors(tensors, {"num_examples": str(n)}),
     )
+    new_job(store, make_model(), rounds=3, min_clients=1, mode="async", buffer=2)
     console.configure(store, SECRET.encode())
     yield store, busy, other
     console.configure(None)
@@ -258,6 +259,16 @@ def test_job_page_shows_rounds_exclusions_metrics_and_escapes_client_text(client
         f'attachment; filename="{busy}-00000002.safetensors"'
     )
     assert client.get(f"/jobs/{busy}/models/3").status_code == 404
+
+
+def test_async_job_pages(client, world) -> None:
+    store, _, _ = world
+    sign_in(client)
+    [job] = [r for r in console.view.jobs_view(store, "*") if r.get("mode") == "async"]
+    assert job["state"] == "running"
+    page = " ".join(client.get(f"/jobs/{job['job']}").data.decode().split())
+    assert 'buffer 1 has <span id="updates">0</span> of 2 updates' in page
+    assert "<th>Version</th>" in page and "3 versions" in page
 
 
 def test_live_fragment_follows_the_round(client, world) -> None:

@@ -3,7 +3,7 @@ Debian's chromedriver), served by the local runtime from knative/console.yaml be
 functions on a real Kafka broker: refusal without a session and with a forged cookie, sign-in,
 the jobs page, a job page while its round fills (it updates itself) and after the commit, and a
 client id and a metric name made of HTML shown as text. Screenshots go to
-load/results/console/ (overwritten each run; job.png is the README's)."""
+load/results/console/ (overwritten each run, not committed; the README shows a copy of job.png)."""
 
 from __future__ import annotations
 

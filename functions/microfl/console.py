@@ -29,7 +29,7 @@ import flask
 from microfl import consolepages as pages
 from microfl import consoleview as view
 from microfl import logs
-from microfl.errors import BadRequest, MicroFLError, Unauthorized, http_error
+from microfl.errors import BadRequest, MicroFLError, http_error
 from microfl.store import ObjectStore, open_store
 from microfl.tokens import (
     ANY_JOB,
@@ -308,8 +308,8 @@ def _sign(request: flask.Request, cfg: _Config, path: str) -> flask.Response:
             cfg.secret, token, cfg.clock(), previous=cfg.previous, max_ttl=cfg.max_ttl
         )
     except MicroFLError as exc:
-        status, body = http_error(exc)
-        return _signin_page(body["message"], status if isinstance(exc, Unauthorized) else 403)
+        status, body = http_error(exc)  # 401 malformed or badly signed, 403 not an admin's
+        return _signin_page(body["message"], status)
     now = int(cfg.clock())
     expires = min(claims.expires, now + SESSION_TTL)
     response = _redirect("/")
