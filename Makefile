@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test check lint bench chaos-report robustness stragglers up down status clean compression flwr-deps
+.PHONY: setup demo test check lint bench chaos-report robustness stragglers up down status clean compression flwr-deps browser
 
 $(BIN)/.installed: pyproject.toml
 	@command -v java >/dev/null && command -v mvn >/dev/null || \
@@ -27,8 +27,21 @@ demo:
 	  echo "==> set-up took $$(( $$(date +%s) - t0 ))s; starting the demo"
 	$(BIN)/microfl demo
 
-test: setup infra-tools flwr-deps
+test: setup infra-tools flwr-deps browser
 	$(BIN)/pytest
+
+# Debian's Chromium and its chromedriver for tests/test_console_browser.py (the operator console
+# in a real headless browser, driven by Selenium from the dev extra); apt-get runs only when one
+# is missing (as root, or through sudo).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+	  echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	else \
+	  echo "==> installing Debian's chromium and chromium-driver for the console's browser tests"; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -q && \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
 
 # The released Flower for tests/test_flower.py, in a folder of its own (its pins clash with the
 # dev tools': protobuf<7, packaging<26, rich<15) that only the Flower clients' subprocess puts on

@@ -1,12 +1,13 @@
 """Function entry points for functions-framework: one Knative Service per target
-(FUNCTION_TARGET=ingest|aggregate|finalize), all in one image. Thin on purpose: the work is in
-microfl.handlers and the service modules."""
+(FUNCTION_TARGET=ingest|aggregate|finalize|console), all in one image. Thin on purpose: the work
+is in microfl.handlers (microfl.console for the operator console) and the service modules."""
 
 import os
 
 import flask
 import functions_framework
 
+from microfl import console as console_edge
 from microfl import handlers
 
 # An unsafe configuration (weak secret, unchecked Pub/Sub pushes, ...) exits here, before the
@@ -38,7 +39,16 @@ def finalize(request: flask.Request) -> flask.Response:
     return _streamed(handlers.finalize(request))
 
 
+@functions_framework.http
+def console(request: flask.Request) -> flask.Response:
+    """The read-only operator console for admins (pages, not JSON; see microfl.console)."""
+    return console_edge.handle(request)
+
+
 @functions_framework.errorhandler(404)
 def not_routed(error: Exception) -> flask.Response:
-    """Paths the framework routes itself (/robots.txt, /favicon.ico, odd characters): JSON."""
+    """Paths the framework routes itself (/robots.txt, /favicon.ico, odd characters): JSON, or
+    the console's page with its security headers."""
+    if os.environ.get("FUNCTION_TARGET") == "console":
+        return console_edge.not_found(flask.request)
     return _streamed(handlers.not_found(flask.request))

@@ -20,6 +20,7 @@ KNATIVE = REPO / "knative"
 KNATIVE_PUBSUB = REPO / "infra" / "knative-pubsub"
 TOOLS = REPO / ".cache" / "bin"
 FUNCTIONS = {"ingest", "aggregate", "finalize"}
+SERVICES = FUNCTIONS | {"console"}  # knative/'s Services: the functions and the operator console
 HCL = dict[str, Any]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import requests
 
 from fl import assert_fedavg
 from microfl.client import Client
@@ -42,6 +43,7 @@ def test_up_job_twenty_clients_down(tmp_path: Path) -> None:
         assert {"supervisor", "kafka-1"} <= roles
         assert all(p["alive"] for p in status["processes"])
         pids = [p["pid"] for p in status["processes"]]
+        assert requests.get(status["console"] + "/", timeout=60).status_code == 401  # sign in
 
         rng = np.random.default_rng(7)
         model = {"w": rng.standard_normal((64, 10)).astype(np.float32),

@@ -23,6 +23,7 @@ import requests
 from microfl import events
 from microfl.local.manifests import load_documents
 from microfl.local.procs import HOST, free_port, stop_process, wait_until
+from microfl.tokens import issue_token
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "functions" / "Dockerfile"
@@ -230,6 +231,16 @@ def test_service_answers_as_knative_expects(started: Started) -> None:
         # Builds the backends from the environment: 401, not a 500 configuration error.
         job = requests.get(url + "/v1/jobs/no-such-job", timeout=10)
         assert job.status_code == 401, job.text
+        return
+    if started.target == "console":  # pages for admins: nothing without a session
+        refused = requests.get(url + "/", timeout=10)
+        assert refused.status_code == 401 and "frame-ancestors 'none'" in refused.headers[
+            "Content-Security-Policy"
+        ]
+        token = issue_token(b"test-image-secret-0123456789abcdef", "*", admin=True)
+        session = requests.Session()
+        signed = session.post(url + "/signin", data={"token": token}, timeout=10)
+        assert signed.status_code == 200 and "Jobs" in signed.text, signed.text  # the store read
         return
     assert requests.get(url + "/", timeout=10).status_code == 405  # CloudEvent: POST only
     malformed = requests.post(

@@ -18,6 +18,7 @@ import pytest
 from infra_hcl import (
     FUNCTIONS,
     KNATIVE,
+    SERVICES,
     TERRAFORM,
     block,
     hcl_true,
@@ -173,7 +174,7 @@ def test_one_service_account_per_function_with_least_privilege(tf: dict[str, Any
     # ...which are the Kubernetes service accounts knative/ runs each function as.
     docs = load_documents(KNATIVE)
     accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
-    assert accounts == {f"microfl-{f}" for f in FUNCTIONS}
+    assert accounts == {f"microfl-{f}" for f in SERVICES}  # and the console's (read-only)
     for doc in docs:
         if doc["kind"] == "Service":
             pod = doc["spec"]["template"]["spec"]
@@ -200,6 +201,23 @@ def test_one_service_account_per_function_with_least_privilege(tf: dict[str, Any
     assert set(role["permissions"]) == {"storage.objects.create", "storage.objects.delete"}
     text = "".join(p.read_text() for p in TERRAFORM.glob("*.tf"))
     assert not re.search(r"roles/(owner|editor|storage\.admin|storage\.objectAdmin)", text)
+
+
+def test_console_account_only_reads_the_bucket(tf: dict[str, Any]) -> None:
+    """The operator console's Google account: Workload Identity for microfl/microfl-console,
+    objectViewer on the bucket, and no other binding anywhere names it."""
+    assert "console" not in tf["locals"]["functions"]  # no write condition, no topic
+    identity = resource(tf, "google_service_account_iam_member", "console_workload_identity")
+    assert identity["service_account_id"] == "${google_service_account.console.name}"
+    assert identity["member"].endswith("svc.id.goog[${local.namespace}/microfl-console]")
+    read = resource(tf, "google_storage_bucket_iam_member", "console_read")
+    assert (read["role"], read["member"]) == (
+        "roles/storage.objectViewer",
+        "${google_service_account.console.member}",
+    )
+    text = "".join(p.read_text() for p in TERRAFORM.glob("*.tf"))
+    assert text.count("google_service_account.console.member") == 1
+    assert text.count("google_service_account.console.name") == 1
 
 
 def cel_extract(name: str, template: str) -> str:

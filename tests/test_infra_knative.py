@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from infra_hcl import (
-    FUNCTIONS,
     KNATIVE,
     KNATIVE_PUBSUB,
     REPO,
+    SERVICES,
     TERRAFORM,
     block,
     hcl_value,
@@ -57,6 +57,7 @@ GKE = {
     "ingest_service_account": "microfl-ingest@test-project.iam.gserviceaccount.com",
     "aggregate_service_account": "microfl-aggregate@test-project.iam.gserviceaccount.com",
     "finalize_service_account": "microfl-finalize@test-project.iam.gserviceaccount.com",
+    "console_service_account": "microfl-console@test-project.iam.gserviceaccount.com",
 }
 GKE_PUBSUB = GKE | {
     "event_bus": "pubsub",
@@ -168,7 +169,7 @@ def test_rendered_for_gke_passes_the_manifest_check(rendered: Docs, rendered_pub
     for docs in (rendered, rendered_pubsub):
         assert check_documents(docs) == []
         platform = platform_from_documents(docs)
-        assert {s.function for s in platform.services} == FUNCTIONS
+        assert {s.function for s in platform.services} == SERVICES
     pubsub = platform_from_documents(rendered_pubsub)
     assert pubsub.sources == () and pubsub.ping is None
 
@@ -253,7 +254,7 @@ def pubsub_docs() -> Docs:
 def test_pubsub_overlay_passes_the_manifest_check(pubsub_docs: Docs) -> None:
     assert check_documents(pubsub_docs) == []
     platform = platform_from_documents(pubsub_docs)
-    assert {s.function for s in platform.services} == FUNCTIONS
+    assert {s.function for s in platform.services} == SERVICES
     assert platform.sources == () and platform.ping is None
 
 

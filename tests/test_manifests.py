@@ -59,6 +59,7 @@ def test_shipped_platform() -> None:
         "ingest": ServiceSpec("microfl-ingest", "ingest", 0, 10, 50.0, 100, 60),
         "aggregate": ServiceSpec("microfl-aggregate", "aggregate", 1, 4, 1.0, 1, 300),
         "finalize": ServiceSpec("microfl-finalize", "finalize", 0, 2, 4.0, 8, 300),
+        "console": ServiceSpec("microfl-console", "console", 0, 1, 20.0, 20, 60),
     }
     sources = {s.name: s for s in platform.sources}
     assert set(sources) == {"microfl-aggregate", "microfl-finalize"}

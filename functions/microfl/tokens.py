@@ -40,6 +40,7 @@ __all__ = [
     "previous_secret_from_env",
     "secret_from_env",
     "valid_id",
+    "verify_admin",
     "verify_token",
 ]
 
@@ -218,6 +219,23 @@ def verify_token(
             f"token lifetime of {max_ttl}s allows; {_NEW_TOKEN}"
         )
     return claims
+
+
+def verify_admin(
+    secret: bytes,
+    token: str | None,
+    now: float | None = None,
+    *,
+    previous: bytes | None = None,
+    max_ttl: int = MAX_TOKEN_TTL,
+) -> Claims:
+    """An admin token's claims if it is valid now, whatever its job ("*" or one): the operator
+    console signs its admins in with one and shows them the jobs it names."""
+    check_secret(secret)
+    claims = _claims((secret, previous) if previous else (secret,), token or "")
+    if not claims.admin:
+        raise Forbidden(f"this is a client's token, not an admin token; {_NEW_TOKEN} --admin")
+    return verify_token(secret, token, claims.job, now, previous=previous, max_ttl=max_ttl)
 
 
 def bearer(header_value: str | None) -> str | None:

@@ -127,3 +127,23 @@ resource "google_project_iam_custom_role" "update_writer" {
   description = "Create client update objects and withdraw them; bound on the bucket with a condition to jobs/*/rounds/*/updates/*."
   permissions = ["storage.objects.create", "storage.objects.delete"]
 }
+
+# The operator console (knative/console.yaml) only reads: its account gets objectViewer on the
+# bucket and nothing else (no create, no delete, no event topic), so a flaw in the console can
+# show what is stored but never change it.
+resource "google_service_account" "console" {
+  account_id   = "${var.cluster_name}-console"
+  display_name = "Micro-FL console: reads jobs, rounds and models for admins"
+}
+
+resource "google_service_account_iam_member" "console_workload_identity" {
+  service_account_id = google_service_account.console.name
+  role               = "roles/iam.workloadIdentityUser"
+  member             = "serviceAccount:${var.project_id}.svc.id.goog[${local.namespace}/microfl-console]"
+}
+
+resource "google_storage_bucket_iam_member" "console_read" {
+  bucket = google_storage_bucket.store.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.console.member
+}

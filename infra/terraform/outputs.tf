@@ -35,6 +35,11 @@ output "function_service_accounts" {
   value       = { for name, account in google_service_account.function : name => account.email }
 }
 
+output "console_service_account" {
+  description = "Google service account of the operator console (Workload Identity; reads only)."
+  value       = google_service_account.console.email
+}
+
 output "ingress_ip" {
   description = "Kourier's load balancer address; point *.<domain> at it when var.domain is set."
   value       = google_compute_address.ingress.address
@@ -58,5 +63,6 @@ output "knative_kustomization" {
     ingest_service_account    = google_service_account.function["ingest"].email
     aggregate_service_account = google_service_account.function["aggregate"].email
     finalize_service_account  = google_service_account.function["finalize"].email
+    console_service_account   = google_service_account.console.email
   })
 }

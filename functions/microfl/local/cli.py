@@ -70,7 +70,7 @@ def _print_state(state: dict, seconds: float) -> None:
         port = f"127.0.0.1:{p['port']}" if p["port"] else "-"
         print(f"  {p['role']:<16} pid {p['pid']:<8} {port:<16} log {p['log']}")
     print(
-        f"  ingest URL       {state['ingest_url']}\n"
+        f"  ingest URL       {state['ingest_url']}\n  console          {state.get('console')}\n"
         f"  {_BUS_LABEL[state['bus']]:<16} {state['events_at']}\n"
         f"  object store     {state['store']}",
         flush=True,

@@ -57,7 +57,9 @@ class FunctionProcess(ServerProcess):
         return {**os.environ, **self.env}
 
     def ready(self) -> bool:
-        path = "/healthz" if self.target == "ingest" else "/"
+        # ingest has a health path, the console a page served without a session (Knative's TCP
+        # probe checks less); CloudEvent functions answer GET / with 405.
+        path = {"ingest": "/healthz", "console": "/signin"}.get(self.target, "/")
         try:
             with urllib.request.urlopen(self.url + path, timeout=2):
                 return True

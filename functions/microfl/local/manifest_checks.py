@@ -23,7 +23,7 @@ KNOWN = {SERVICE, KAFKA_SOURCE, PING_SOURCE, KAFKA_SINK} | {
     ("v1", kind) for kind in ("ConfigMap", "Secret", "ServiceAccount")
 }
 API_OF = {kind: api for api, kind in KNOWN}
-TARGETS = ("ingest", "aggregate", "finalize")
+TARGETS = ("ingest", "aggregate", "finalize", "console")
 CLOUDEVENT_TARGETS = ("aggregate", "finalize")  # answer POST only
 SCALE = "autoscaling.knative.dev/"
 KUSTOMIZATION = "kustomization.yaml"
@@ -109,7 +109,8 @@ def _check_service(spec: dict[str, Any], defined: set[tuple[Any, str]]) -> list[
     target = function_target(container)
     if target not in TARGETS:
         problems.append(
-            f"container env FUNCTION_TARGET is {target!r}; use ingest, aggregate or finalize"
+            f"container env FUNCTION_TARGET is {target!r}; use ingest, aggregate, finalize or "
+            "console"
         )
     annotations = as_map(as_map(template.get("metadata")).get("annotations"))
     for key in ("min-scale", "max-scale"):

@@ -1,5 +1,6 @@
 """The local platform as one unit: the event transport (Kafka, or the Pub/Sub emulator), the
-object store, the three functions and their event delivery, recorded in a state file.
+object store, the three functions and their event delivery, the operator console, recorded in a
+state file.
 
 `microfl up` runs it in the foreground (Ctrl-C or SIGTERM stops it); `--detach` runs that same
 foreground process in the background and returns once it is ready; `microfl down` stops it."""
@@ -198,6 +199,7 @@ class LocalPlatform:
             "store": store,
             "storage_emulator_host": os.environ.get("STORAGE_EMULATOR_HOST"),
             "ingest_url": self.runtime.ingest_url,
+            "console": self.runtime.console_url,  # the operator console (admin sign-in)
             "logs": str(logs),
             "processes": self.processes,
         }

@@ -151,6 +151,12 @@ class LocalRuntime:
     def ingest_url(self) -> str:
         return self.services["ingest"].url
 
+    @property
+    def console_url(self) -> str | None:
+        """The operator console's URL (None with manifests that have no console Service)."""
+        runner = self.services.get("console")
+        return None if runner is None else runner.url
+
     def _ping(self, sink: str, interval: float) -> None:
         n = 0
         while not self.stopping.wait(interval):
