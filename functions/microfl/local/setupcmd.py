@@ -4,10 +4,8 @@ what came from where and how long each step took (a spinner on a terminal, plain
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 from microfl.errors import ConfigError
@@ -18,24 +16,12 @@ __all__ = ["run_setup"]
 T = TypeVar("T")
 
 
-@contextmanager
-def _spinner(what: str) -> Iterator[None]:
-    if sys.stderr.isatty():
-        from rich.console import Console
-
-        with Console(stderr=True).status(what):
-            yield
-    else:
-        print(f"{what} ...", file=sys.stderr, flush=True)
-        yield
-
-
 def _step(what: str, work: Callable[[], T], cached: bool) -> tuple[T, str]:
     """Run one step; (its result, "cached" or how long it took)."""
     if cached:
         return work(), "cached"
     t0 = time.monotonic()
-    with _spinner(what):
+    with toolchains.spinner(what):
         result = work()
     return result, f"took {time.monotonic() - t0:.0f} s"
 

@@ -22,7 +22,8 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -221,6 +222,21 @@ def maven(quiet: bool = False) -> Tool:
     return Tool("mvn", home / "bin" / "mvn", MAVEN_VERSION, source, java_env)
 
 
+@contextmanager
+def spinner(what: str, quiet: bool = False) -> Iterator[None]:
+    """A rich spinner on a terminal while a step runs, else one plain line as it starts."""
+    if quiet:
+        yield
+    elif sys.stderr.isatty():
+        from rich.console import Console
+
+        with Console(stderr=True).status(what):
+            yield
+    else:
+        print(f"{what} ...", file=sys.stderr, flush=True)
+        yield
+
+
 def _system_ca_bundle() -> Path | None:
     """The PEM bundle Python's TLS trusts (the OS's, with any proxy CA the machine added)."""
     import ssl
@@ -248,7 +264,8 @@ def _trust_options(quiet: bool) -> dict[str, str]:
         return result
     t0 = time.monotonic()
     try:
-        _make_truststore(keytool, bundle.read_bytes(), store)
+        with spinner("adding the OS's CAs to a truststore for Maven on the pinned JDK", quiet):
+            _make_truststore(keytool, bundle.read_bytes(), store)
         if not quiet:
             print(
                 f"made {store} for Maven on the pinned JDK: its CAs and those of {bundle} "
