@@ -144,7 +144,7 @@ infra-tools: $(BIN)/.installed
 	@echo "go: $(GO)"
 	@mkdir -p $(TOOLS)
 	@if command -v terraform >/dev/null; then \
-	  ln -sf "$$(command -v terraform)" $(TOOLS)/terraform; \
+	  ln -sf "$$(readlink -f "$$(command -v terraform)")" $(TOOLS)/terraform; \
 	  echo "terraform fmt: $$(command -v terraform)"; \
 	elif $(TOOLS)/tofu version 2>/dev/null | grep -qx "OpenTofu $(TOFU_VERSION)"; then \
 	  echo "tofu $(TOFU_VERSION) is in $(TOOLS)"; \
