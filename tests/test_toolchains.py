@@ -110,6 +110,29 @@ def test_too_old_go_is_passed_over_and_a_forced_one_refused(
         toolchains.go()
 
 
+def test_a_maven_download_that_does_not_match_its_sha512_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import requests
+
+    class Published:
+        text = "ab" * 64 + "  apache-maven-bin.tar.gz\n"
+
+        def raise_for_status(self) -> None:
+            pass
+
+    def tampered(url: str, dest: Path, what: str, quiet: bool) -> str:
+        dest.write_bytes(b"not the published archive")
+        return "cd" * 64
+
+    monkeypatch.setattr(requests, "get", lambda url, timeout: Published())
+    monkeypatch.setattr(toolchains, "_download", tampered)
+    home = tmp_path / "apache-maven"
+    with pytest.raises(ConfigError, match="does not match its published SHA-512"):
+        toolchains._fetch_maven(home, quiet=True)
+    assert not home.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_pinned_maven_assembles_the_kafka_jars(tmp_path: Path, bare_env: dict[str, str]) -> None:
     """The pinned Maven (fetched and SHA-512-checked on first use) on the pinned JDK puts the
     same jars in a new folder as the set-up's (the ~/.m2 repository is warm)."""

@@ -31,7 +31,7 @@ from pathlib import Path
 from microfl.errors import ConfigError
 from microfl.local.procs import repo_root
 
-__all__ = ["JAVA_MIN", "MAVEN_VERSION", "Tool", "go", "go_required", "java", "maven"]
+__all__ = ["JAVA_MIN", "MAVEN_VERSION", "Tool", "go", "go_required", "java", "maven", "spinner"]
 
 JAVA_MIN = 17
 MAVEN_VERSION = "3.9.16"
