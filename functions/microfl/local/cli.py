@@ -18,17 +18,9 @@ __all__ = ["main"]
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from microfl.local.gcs import fake_gcs_binary
-    from microfl.local.kafka import ensure_kafka_libs
-    from microfl.local.pubsub import emulator_binary
+    from microfl.local.setupcmd import run_setup
 
-    libs = ensure_kafka_libs()
-    print(f"Kafka jars: {libs}\nGCS emulator: {fake_gcs_binary()}")
-    try:
-        print(f"Pub/Sub emulator: {emulator_binary()}")
-    except RuntimeError as exc:  # only --bus pubsub needs it
-        print(f"Pub/Sub emulator: not built ({exc})")
-    return 0
+    return run_setup()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -202,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "setup", help="assemble the local Kafka and build the Pub/Sub emulator (first run)"
+        "setup",
+        help="choose or fetch Java, Go and Maven, assemble the local Kafka and build the Pub/Sub "
+        "emulator (first run)",
     )
     p.set_defaults(func=cmd_setup)
 

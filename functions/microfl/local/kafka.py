@@ -1,8 +1,9 @@
 """A real Apache Kafka (KRaft) broker or cluster on 127.0.0.1, from Maven Central jars.
 
 The jars are assembled once by Maven from infra/local/pom.xml into a git-ignored cache folder and
-run with the machine's Java 17+. Two layouts: one combined broker+controller node (the default),
-or three combined nodes with replication factor 3 and min.insync.replicas 2 for fault tests.
+run with Java 17+ (the machine's or the project's pinned copy: microfl.local.toolchains). Two
+layouts: one combined broker+controller node (the default), or three combined nodes with
+replication factor 3 and min.insync.replicas 2 for fault tests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from microfl.errors import BusUnavailable
 from microfl.events import TOPICS
+from microfl.local import toolchains
 from microfl.local.procs import HOST, free_port, repo_root, spawn, stop_process, wait_until
 
 __all__ = ["KafkaCluster", "ensure_kafka_libs", "ensure_topics"]
@@ -41,22 +43,19 @@ def _kafka_version(pom: Path) -> str:
     return text[start : text.index("</kafka.version>", start)]
 
 
-def ensure_kafka_libs(quiet: bool = False) -> Path:
-    """The folder of broker jars, assembled with Maven on first use (offline after that)."""
+def ensure_kafka_libs(quiet: bool = False, libs: Path | None = None) -> Path:
+    """The folder of broker jars (by default in .cache), assembled with Maven on first use."""
     root = repo_root()
     pom = root / "infra" / "local" / "pom.xml"
-    libs = root / ".cache" / f"kafka-{_kafka_version(pom)}" / "libs"
+    libs = libs or root / ".cache" / f"kafka-{_kafka_version(pom)}" / "libs"
     done = libs / ".complete"
     if done.is_file():
         return libs
-    mvn = shutil.which("mvn")
-    java = shutil.which("java")
-    if mvn is None or java is None:
-        raise RuntimeError("the local Kafka needs Java 17+ and Maven on PATH (java, mvn)")
+    mvn = toolchains.maven(quiet)
     if not quiet:
         print(
             f"assembling Kafka {_kafka_version(pom)} from Maven Central into {libs} "
-            "(first run only)",
+            f"(first run only) with {mvn.describe()}",
             file=sys.stderr,
             flush=True,
         )
@@ -64,7 +63,7 @@ def ensure_kafka_libs(quiet: bool = False) -> Path:
         shutil.rmtree(libs)
     done_proc = subprocess.run(
         [
-            mvn,
+            str(mvn.path),
             "-q",
             "-B",
             "-Dstyle.color=never",
@@ -75,6 +74,7 @@ def ensure_kafka_libs(quiet: bool = False) -> Path:
         ],
         capture_output=True,
         text=True,
+        env=mvn.environ(),
     )
     if done_proc.returncode != 0:
         raise RuntimeError(
@@ -168,7 +168,7 @@ class KafkaCluster:
         libs = ensure_kafka_libs()
         log4j = repo_root() / "infra" / "local" / "log4j2.yaml"
         return [
-            "java",
+            str(toolchains.java().path),
             f"-Xmx{self.heap}",
             "-Xms128m",
             "-Djava.awt.headless=true",

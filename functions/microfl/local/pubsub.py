@@ -3,14 +3,14 @@ and the topics and subscriptions the deployment creates (infra/terraform/pubsub.
 same settings; tests/test_infra.py checks that they agree).
 
 The emulator is Google's pstest fake served over gRPC by a small Go program
-(infra/local/pubsub/main.go), built from Go modules into .cache/bin on first use. Clients reach it
+(infra/local/pubsub/main.go), built from Go modules into .cache/bin on first use with the
+machine's Go or the project's pinned one (microfl.local.toolchains). Clients reach it
 through PUBSUB_EMULATOR_HOST."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from microfl.events import PARTIAL_REQUESTED, TOPICS, UPDATE_ACCEPTED
+from microfl.local import toolchains
 from microfl.local.procs import HOST, ServerProcess, repo_root
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "PushSubscription",
     "emulator_binary",
     "emulator_env",
+    "emulator_path",
     "ensure_pubsub",
 ]
 
@@ -68,27 +70,35 @@ SUBSCRIPTIONS = (
 )
 
 
-def emulator_binary(quiet: bool = False) -> Path:
-    """The emulator's binary, built with Go on first use and whenever its source changes."""
+def emulator_path() -> Path:
+    """Where the emulator built from the current source lives (named by the source's hash)."""
     src = repo_root() / "infra" / "local" / "pubsub"
     digest = hashlib.sha256(
         b"".join((src / n).read_bytes() for n in ("go.mod", "go.sum", "main.go"))
     ).hexdigest()[:12]
-    binary = repo_root() / ".cache" / "bin" / f"microfl-pubsub-emulator-{digest}"
+    return repo_root() / ".cache" / "bin" / f"microfl-pubsub-emulator-{digest}"
+
+
+def emulator_binary(quiet: bool = False) -> Path:
+    """The emulator's binary, built with Go on first use and whenever its source changes."""
+    src = repo_root() / "infra" / "local" / "pubsub"
+    binary = emulator_path()
     if binary.is_file():
         return binary
-    go = shutil.which("go")
-    if go is None:
-        raise RuntimeError(
-            "the local Pub/Sub emulator is built with Go 1.26+ (https://go.dev/doc/install); "
-            "put `go` on PATH or use the Kafka transport (the default)"
-        )
+    go = toolchains.go()
     if not quiet:
-        print(f"building the Pub/Sub emulator into {binary} (first run only)", file=sys.stderr)
+        print(
+            f"building the Pub/Sub emulator into {binary} (first run only) with {go.describe()}",
+            file=sys.stderr,
+        )
     binary.parent.mkdir(parents=True, exist_ok=True)
     tmp = binary.with_suffix(".tmp")
     done = subprocess.run(
-        [go, "build", "-o", str(tmp), "."], cwd=src, capture_output=True, text=True
+        [str(go.path), "build", "-o", str(tmp), "."],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env=go.environ(),
     )
     if done.returncode != 0:
         raise RuntimeError(f"building the Pub/Sub emulator failed:\n{done.stderr[-3000:]}")
