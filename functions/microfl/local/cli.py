@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "setup",
-        help="choose or fetch Java, Go and Maven, assemble the local Kafka and build the Pub/Sub "
-        "emulator (first run)",
+        help="choose Java and Go, fetch the local Kafka's jars and build the Pub/Sub emulator "
+        "(first run)",
     )
     p.set_defaults(func=cmd_setup)
 

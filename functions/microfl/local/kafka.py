@@ -1,9 +1,10 @@
 """A real Apache Kafka (KRaft) broker or cluster on 127.0.0.1, from Maven Central jars.
 
-The jars are assembled once by Maven from infra/local/pom.xml into a git-ignored cache folder and
-run with Java 17+ (the machine's or the project's pinned copy: microfl.local.toolchains). Two
-layouts: one combined broker+controller node (the default), or three combined nodes with
-replication factor 3 and min.insync.replicas 2 for fault tests.
+The jars (infra/local/pom.xml, pinned by infra/local/kafka-jars.lock) are fetched once by jgo into
+a git-ignored cache folder (microfl.local.kafkajars) and run with Java 17+ (the machine's or the
+project's pinned copy: microfl.local.toolchains). Two layouts: one combined broker+controller node
+(the default), or three combined nodes with replication factor 3 and min.insync.replicas 2 for
+fault tests.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from microfl.errors import BusUnavailable
 from microfl.events import TOPICS
-from microfl.local import toolchains
+from microfl.local import kafkajars, toolchains
 from microfl.local.procs import HOST, free_port, repo_root, spawn, stop_process, wait_until
 
 __all__ = ["KafkaCluster", "ensure_kafka_libs", "ensure_topics"]
@@ -44,43 +45,13 @@ def _kafka_version(pom: Path) -> str:
 
 
 def ensure_kafka_libs(quiet: bool = False, libs: Path | None = None) -> Path:
-    """The folder of broker jars (by default in .cache), assembled with Maven on first use."""
-    root = repo_root()
-    pom = root / "infra" / "local" / "pom.xml"
-    libs = libs or root / ".cache" / f"kafka-{_kafka_version(pom)}" / "libs"
-    done = libs / ".complete"
-    if done.is_file():
-        return libs
-    mvn = toolchains.maven(quiet)
-    if not quiet:
-        print(
-            f"assembling Kafka {_kafka_version(pom)} from Maven Central into {libs} "
-            f"(first run only) with {mvn.describe()}",
-            file=sys.stderr,
-            flush=True,
-        )
-    if libs.exists():
-        shutil.rmtree(libs)
-    done_proc = subprocess.run(
-        [
-            str(mvn.path),
-            "-q",
-            "-B",
-            "-Dstyle.color=never",
-            "-f",
-            str(pom),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={libs}",
-        ],
-        capture_output=True,
-        text=True,
-        env=mvn.environ(),
-    )
-    if done_proc.returncode != 0:
-        raise RuntimeError(
-            f"Maven could not assemble Kafka:\n{done_proc.stdout[-3000:]}{done_proc.stderr[-3000:]}"
-        )
-    done.touch()
+    """The folder of broker jars (by default in .cache), fetched on first use."""
+    version = _kafka_version(repo_root() / "infra" / "local" / "pom.xml")
+    libs = libs or repo_root() / ".cache" / f"kafka-{version}" / "libs"
+    if not (libs / ".complete").is_file():
+        done = kafkajars.assemble(libs, version, quiet)
+        if not quiet:
+            print(f"Kafka jars in {libs} (first run only): {done}", file=sys.stderr, flush=True)
     return libs
 
 

@@ -1,4 +1,4 @@
-"""`microfl setup`: choose or fetch the toolchains, assemble Kafka, build the emulators, and say
+"""`microfl setup`: choose the toolchains, fetch Kafka's jars, build the emulators, and say
 what came from where and how long each step took (a spinner on a terminal, plain lines otherwise).
 """
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from microfl.errors import ConfigError
-from microfl.local import toolchains
+from microfl.local import kafkajars, toolchains
 
 __all__ = ["run_setup"]
 
@@ -29,7 +29,7 @@ def _step(what: str, work: Callable[[], T], cached: bool) -> tuple[T, str]:
 def run_setup() -> int:
     """Everything `microfl up` and the tests need, fetched or built once into .cache."""
     from microfl.local.gcs import fake_gcs_binary
-    from microfl.local.kafka import _kafka_version, ensure_kafka_libs
+    from microfl.local.kafka import _kafka_version
     from microfl.local.procs import repo_root
     from microfl.local.pubsub import emulator_binary, emulator_path
 
@@ -37,15 +37,10 @@ def run_setup() -> int:
     print(toolchains.java().describe())
     pom = repo_root() / "infra" / "local" / "pom.xml"
     libs = repo_root() / ".cache" / f"kafka-{_kafka_version(pom)}" / "libs"
-    cached = (libs / ".complete").is_file()
-    if not cached:
-        print(toolchains.maven().describe())
-    found, how = _step(
-        f"assembling Kafka {_kafka_version(pom)} from Maven Central",
-        lambda: ensure_kafka_libs(quiet=True),
-        cached,
-    )
-    print(f"Kafka jars: {found} ({how})")
+    if (libs / ".complete").is_file():
+        print(f"Kafka jars: {libs} (cached)")
+    else:  # a progress bar of its own on a terminal
+        print(f"Kafka jars: {libs} ({kafkajars.assemble(libs, _kafka_version(pom))})")
     print(f"GCS emulator: {fake_gcs_binary()}")
     try:
         go = toolchains.go()

