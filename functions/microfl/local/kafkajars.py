@@ -124,7 +124,8 @@ def read_lock() -> list[Locked]:
 
 @contextmanager
 def _progress(total: int, what: str, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """advance(bytes): a rich bar on a terminal, else one plain line as the fetch starts."""
+    """advance(bytes): a rich bar on a terminal (labelled short: 80 columns hold it), else one
+    plain line as the fetch starts."""
     if quiet or not sys.stderr.isatty():
         if not quiet:
             print(f"{what} ({total / 1e6:.1f} MB) ...", file=sys.stderr, flush=True)
@@ -134,7 +135,8 @@ def _progress(total: int, what: str, quiet: bool) -> Iterator[Callable[[int], No
 
     columns = (*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(what, total=total)
+        print(what, file=sys.stderr)
+        task = bar.add_task("Kafka jars", total=total)
         yield lambda n: bar.advance(task, n)
 
 
@@ -145,7 +147,7 @@ def _fetch(jar: Locked, context: Any) -> Path:
     for attempt in (1, 2):
         try:
             path = Path(artifact.resolve())
-        except Exception as exc:  # jgo raises RuntimeError or requests' errors
+        except (RuntimeError, OSError) as exc:  # jgo's "not found", requests' errors
             raise ConfigError(
                 f"cannot fetch {jar.name} from Maven Central ({exc}); check the network, or "
                 "behind a TLS-inspecting proxy point REQUESTS_CA_BUNDLE at its CA bundle"
@@ -187,7 +189,11 @@ def assemble(libs: Path, version: str, quiet: bool = False) -> str:
         (tmp / ".complete").touch()
         if libs.exists():
             shutil.rmtree(libs)
-        tmp.rename(libs)
+        try:
+            tmp.rename(libs)
+        except OSError:  # another set-up finished first
+            if not (libs / ".complete").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fetched = downloaded[0] / 1e6
