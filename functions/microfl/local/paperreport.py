@@ -212,16 +212,20 @@ def _throughput_plot(plt: Any, out: Path, results: dict[str, Any], sizes: list[A
                              squeeze=False)  # fmt: skip
     for ax, (healthy, faulty) in zip(axes[0], sizes, strict=True):
         _shade(ax, results["windows"] if faulty else [])
-        for run, style in ((healthy, ":"), (faulty, "-")):
-            if run is None:
+        for run in (healthy, faulty):
+            if run is None or not run["rows"]:
                 continue
             xs = [r["iteration"] for r in run["rows"]]
-            for broker in sorted(run["rows"][0]["kafka_log_bytes"]) if run["rows"] else []:
-                kb = [r["kafka_log_bytes"][broker] / 1e3 / max(r["seconds"], 1e-3)
-                      for r in run["rows"]]  # fmt: skip
-                ax.plot(
-                    xs, kb, style, label=f"{broker}, {'faulty' if run['faulty'] else 'healthy'}"
-                )
+            rates = {
+                b: [r["kafka_log_bytes"][b] / 1e3 / max(r["seconds"], 1e-3) for r in run["rows"]]
+                for b in sorted(run["rows"][0]["kafka_log_bytes"])
+            }
+            if not run["faulty"]:  # the three brokers write the same replicas: one line
+                mean = [sum(v) / len(v) for v in zip(*rates.values(), strict=True)]
+                ax.plot(xs, mean, ":", color="grey", label="healthy (mean of 3 brokers)")
+                continue
+            for broker, kbs in rates.items():
+                ax.plot(xs, kbs, "-", marker=".", label=f"{broker}, faulty")
         ax.set_title(f"{healthy['users']} users: broker log writes")
         ax.set_xlabel("iteration")
         ax.set_ylabel("kB/s written")
