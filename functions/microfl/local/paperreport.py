@@ -184,6 +184,9 @@ def _plots(out: Path, results: dict[str, Any]) -> None:
 
 
 def _shade(ax: Any, windows: list[list[int]]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for k, (first, last) in enumerate(windows):
         ax.axvspan(first - 0.5, last + 0.5, color="tab:red", alpha=0.12,
                    label="one broker down" if k == 0 else None)  # fmt: skip
