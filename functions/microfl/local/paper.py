@@ -204,7 +204,7 @@ def _run(
     _, (x_test, y_test), _ = digits_shards(users, demo.alpha, demo.seed)
     torch.manual_seed(demo.seed)
     init = tensors_from_module(mlp())
-    store = GcsStore(env.bucket)
+    store = GcsStore(_new_bucket(f"paper-{users}-{'faulty' if faulty else 'healthy'}"))
     job = f"paper-{users}-{'faulty' if faulty else 'healthy'}-{uuid.uuid4().hex[:6]}"
     spec = JobSpec.for_model(job, init, rounds=n, min_clients=users, round_timeout=600.0,
                              fan_in=demo.fan_in, created_at=time.time())  # fmt: skip
@@ -216,7 +216,7 @@ def _run(
     kafka_meter = KafkaMeter(env.kafka)
     faults = BrokerFaults(env.kafka, config.windows() if faulty else [], kafka_meter.isr_full,
                           tell)  # fmt: skip
-    meter = ProcessMeter(partial(component_roots, runtime, env.kafka)).start()
+    meter = ProcessMeter(partial(component_roots, runtime, env.kafka, env.gcs)).start()
     model = mlp()
     rows: list[dict[str, Any]] = []
     accepted: set[tuple[int, str]] = set()
@@ -286,6 +286,17 @@ def _run(
             "problems": problems,
         },  # fmt: skip
     }
+
+
+def _new_bucket(prefix: str) -> str:
+    """A bucket per run: the emulator's listings slow down as a bucket fills, which would bias
+    the later runs' times."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    storage.Client(project="paper", credentials=AnonymousCredentials()).create_bucket(name)
+    return name
 
 
 # --- the command -----------------------------------------------------------------------------

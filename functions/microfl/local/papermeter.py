@@ -94,8 +94,9 @@ def _trees(pids: list[int]) -> list[psutil.Process]:
     return out
 
 
-def component_roots(runtime: Any, kafka: KafkaCluster) -> dict[str, list[int]]:
-    """{ingest|aggregate|finalize: the instances' pids, "broker N": the node's JVM pid}."""
+def component_roots(runtime: Any, kafka: KafkaCluster, gcs: Any = None) -> dict[str, list[int]]:
+    """{ingest|aggregate|finalize: the instances' pids, "broker N": the node's JVM pid, "store":
+    the GCS emulator's pid (it is where a local run spends much of its CPU)}."""
     roots = {
         target: [fn.proc.pid for fn in runner.processes() if fn.proc is not None]
         for target, runner in runtime.services.items()
@@ -103,6 +104,8 @@ def component_roots(runtime: Any, kafka: KafkaCluster) -> dict[str, list[int]]:
     for node in kafka.members:
         alive = node.proc is not None and node.alive
         roots[f"broker {node.node_id}"] = [node.proc.pid] if alive and node.proc else []
+    if gcs is not None and gcs.proc is not None:
+        roots["store"] = [gcs.proc.pid]
     return roots
 
 

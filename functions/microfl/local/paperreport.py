@@ -99,7 +99,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "starts (window first-last) and restarted once the window's last iteration committed.",
         "",
         "| users | run | final accuracy | models = healthy | time (s) | s/iteration, brokers "
-        "up | s/iteration, one down | CPU s ingest / aggregate / finalize / brokers | peak RSS "
+        "up | s/iteration, one down | CPU s ingest / aggregate / finalize / brokers / GCS "
+        "emulator | peak RSS "
         "MiB ingest / aggregate / finalize / broker | Kafka records | broker log kB | "
         "invariants |",
         "| ---: | --- | ---: | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | --- |",
@@ -111,6 +112,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
                 continue
             t = _totals(run)
             cpu = " / ".join(f"{t['cpu'].get(c, 0):.1f}" for c in (*FUNCTIONS, "brokers"))
+            cpu += f" / {t['cpu']['store']:.1f}" if "store" in t["cpu"] else " / -"
             peak = " / ".join(f"{t['peak'].get(c, 0):.0f}" for c in (*FUNCTIONS, "brokers"))
             v = run["verdict"]
             verdict = "ok" if v["ok"] else "FAILED: " + "; ".join(v["problems"])[:200]
@@ -134,7 +136,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
         "CPU: user + system seconds of each component's process trees, sampled every 0.5 s "
         "(function instances: every functions-framework process; brokers: the three JVMs, "
-        "summed). Peak RSS: the largest sum of a component's resident memory over the samples "
+        "summed; the GCS emulator, '-' where not measured). Peak RSS: the largest sum of a "
+        "component's resident memory over the samples "
         "(for brokers the largest one JVM). Kafka records: records produced on the platform's "
         "topics (high watermarks); broker log kB: growth of the log segments on the three "
         "brokers' disks, replicas included. Invariants: the checker recomputes every model from "
