@@ -114,7 +114,7 @@ def test_paper_experiment_in_small(env: ChaosEnv, tmp_path: Path) -> None:
             for comp, use in row["components"].items():
                 cpu[comp] = cpu.get(comp, 0.0) + use["cpu_s"]
         assert set(cpu) == {"ingest", "aggregate", "finalize", "broker 1", "broker 2",
-                            "broker 3"}  # fmt: skip
+                            "broker 3", "store"}  # fmt: skip
         assert all(v > 0 for v in cpu.values()), cpu
         assert sum(row["kafka_records"] or 0 for row in run["rows"]) >= 3  # a commit each
     summary = (tmp_path / "paper" / "summary.md").read_text()

@@ -95,8 +95,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "3 Kafka brokers (KRaft, RF 3, min ISR 2), fake-gcs-server, the three functions; users "
         f"are torch clients over HTTP training the demo's MLP (64-64-10) on digits, Dirichlet "
         f"alpha {cfg['alpha']}, {cfg['epochs']} local epochs, FedAvg of every user each "
-        f"iteration. Faulty runs: one broker SIGKILLed as iteration {windows.replace(', ', ', ')} "
-        "starts (window first-last) and restarted once the window's last iteration committed.",
+        "iteration. Faulty runs: one broker SIGKILLed as the first iteration of each window "
+        f"(iterations {windows}) starts, restarted once the window's last one committed.",
         "",
         "| users | run | final accuracy | models = healthy | time (s) | s/iteration, brokers "
         "up | s/iteration, one down | CPU s ingest / aggregate / finalize / brokers / GCS "
