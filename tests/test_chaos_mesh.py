@@ -321,16 +321,7 @@ def test_the_experiments_cover_the_scenario() -> None:
     )
 
     # The Workflow: the broker failure for minutes at three points, the other faults between.
-    workflow = next(d for _, _, d in EXPERIMENTS if d["kind"] == "Workflow")["spec"]
-    templates = {t["name"]: t for t in workflow["templates"]}
-
-    def flatten(name: str) -> list[dict[str, Any]]:
-        t = templates[name]
-        if t["templateType"] in ("Serial", "Parallel"):
-            return [leaf for child in t["children"] for leaf in flatten(child)]
-        return [t]
-
-    order = flatten(workflow["entry"])
+    order = flatten(workflow("microfl-paper-scenario"))
     broker_at = [
         i
         for i, t in enumerate(order)
@@ -345,3 +336,35 @@ def test_the_experiments_cover_the_scenario() -> None:
                      ("NetworkChaos", "delay"), ("NetworkChaos", "partition"),
                      ("StressChaos", "stress")}  # fmt: skip
     assert order[0]["templateType"] == "Suspend", "let the load settle before the first fault"
+
+
+def workflow(name: str) -> dict[str, Any]:
+    return next(d for _, _, d in EXPERIMENTS if d["metadata"]["name"] == name)["spec"]
+
+
+def flatten(spec: dict[str, Any], name: str | None = None) -> list[dict[str, Any]]:
+    """A Workflow's leaf templates in the order they run (Serial and Parallel nodes opened)."""
+    t = {t["name"]: t for t in spec["templates"]}[name or spec["entry"]]
+    if t["templateType"] in ("Serial", "Parallel"):
+        return [leaf for child in t["children"] for leaf in flatten(spec, child)]
+    return [t]
+
+
+def test_the_paper_schedule_takes_one_broker_down_at_20_40_60_80_percent() -> None:
+    """load/chaos/paper-schedule.yaml, the schedule `microfl paper` runs locally: a broker pod
+    failure of minutes starting at 20/40/60/80 % of the run, never two at once, nothing else."""
+    spec = workflow("microfl-paper-broker-failures")
+    order = flatten(spec)
+    assert spec["templates"][0]["templateType"] == "Serial"
+    total = sum(seconds(t["deadline"]) for t in order)
+    assert total <= seconds(spec["templates"][0]["deadline"]), "the Serial deadline cuts it short"
+    starts, elapsed = [], 0.0
+    for t in order:
+        if t["templateType"] != "Suspend":
+            assert _is_broker_failure(t["templateType"], t[EMBEDDED[t["templateType"]]]), t["name"]
+            assert seconds(t["deadline"]) >= 60
+            starts.append(elapsed / total)
+        elapsed += seconds(t["deadline"])
+    assert starts == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=0.01)
+    kinds = [t["templateType"] for t in order]
+    assert all(a != b for a, b in zip(kinds, kinds[1:], strict=False)), "faults never adjoin"

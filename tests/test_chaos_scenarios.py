@@ -85,3 +85,39 @@ def test_async_job_keeps_the_invariants(env: ChaosEnv, name: str) -> None:
     assert result.accepted >= 12 // 2
     if SCENARIOS[name].get("fault"):
         assert result.faults, "the fault was injected"
+
+
+def test_paper_experiment_in_small(env: ChaosEnv, tmp_path: Path) -> None:
+    """`microfl paper` in small (3 users, 3 iterations, one broker SIGKILLed for iteration 2):
+    both runs keep the invariants, the faulty run commits the healthy run's model bytes at
+    every iteration, and the report is written from what was measured."""
+    from microfl.local.paper import PaperConfig, run_paper
+    from microfl.local.paperreport import PLOTS, failures
+
+    config = PaperConfig(users=(3,), iterations=3, at=(0.5,), down=1, epochs=1, processes=1,
+                         out=tmp_path / "paper")  # fmt: skip
+    results = run_paper(config, say=lambda _: None, env=env)
+    healthy, faulty = results["runs"]
+    assert failures(results) == []
+    assert healthy["verdict"]["ok"] and faulty["verdict"]["ok"]
+    assert (faulty["verdict"]["lost"], faulty["verdict"]["double_counted"]) == (0, 0)
+    hashes = [row["model_sha256"] for row in healthy["rows"]]
+    assert len(set(hashes)) == 3, "every iteration changed the model"
+    assert [row["model_sha256"] for row in faulty["rows"]] == hashes
+    assert [row["broker_down"] for row in faulty["rows"]] == [False, True, False]
+    assert [(f["broker"], f["first"], f["last"]) for f in faulty["faults"]] == [(1, 2, 2)]
+    assert faulty["faults"][0]["down_s"] > 0, "the broker came back"
+    assert [row["included"] for row in faulty["rows"]] == [3, 3, 3]
+    for run in (healthy, faulty):
+        cpu: dict[str, float] = {}
+        for row in run["rows"]:
+            for comp, use in row["components"].items():
+                cpu[comp] = cpu.get(comp, 0.0) + use["cpu_s"]
+        assert set(cpu) == {"ingest", "aggregate", "finalize", "broker 1", "broker 2",
+                            "broker 3", "store"}  # fmt: skip
+        assert all(v > 0 for v in cpu.values()), cpu
+        assert sum(row["kafka_records"] or 0 for row in run["rows"]) >= 3  # a commit each
+    summary = (tmp_path / "paper" / "summary.md").read_text()
+    assert "| 3 | faulty |" in summary and "yes, every iteration" in summary
+    for plot in PLOTS:
+        assert (tmp_path / "paper" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -318,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     from microfl.local import compression
 
     compression.add_arguments(p)  # sets func
+
+    p = sub.add_parser("paper", help="the paper's evaluation: users x broker failures, report")
+    from microfl.local import paper
+
+    paper.add_arguments(p)  # sets func
     return parser
 
 
