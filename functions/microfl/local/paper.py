@@ -37,9 +37,9 @@ Say = Callable[[str], None]
 @dataclass(frozen=True)
 class PaperConfig:
     users: tuple[int, ...] = (10, 100)
-    iterations: int = 20
+    iterations: int = 10
     at: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # where the fault windows start
-    down: int = 2  # iterations a killed broker stays down
+    down: int = 1  # iterations a killed broker stays down
     epochs: int = 5
     processes: int = 2  # client worker processes
     fan_in: int = 10
