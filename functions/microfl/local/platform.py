@@ -99,6 +99,12 @@ def session(bus: str = "kafka") -> Iterator[tuple[dict[str, Any], str, LocalPlat
         )
     else:
         print(f"using the running local platform at {state['ingest_url']}", flush=True)
+    if state.get("console"):
+        print(
+            f"  operator console at {state['console']} (sign in with the token "
+            "`microfl token issue --admin --job '*'` prints)",
+            flush=True,
+        )
     try:
         yield state, secret, platform
     finally:
