@@ -13,12 +13,14 @@ import io
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from microfl.local.instance import FunctionProcess
 from microfl.local.procs import HOST
@@ -39,6 +41,15 @@ HOP_HEADERS = {
     "host",
     "content-length",
 }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client hung up (say its request timed out): nothing to report
+        super().handle_error(request, client_address)
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,7 @@ class ServiceRunner:
         self._waiting = 0  # requests held for want of a free instance: demand, like the activator's
         self._serial = 0
         self._stopping = threading.Event()
-        self._server = ThreadingHTTPServer((HOST, 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server((HOST, 0), self._handler_class())
         self._threads: list[threading.Thread] = []
 
     @property
