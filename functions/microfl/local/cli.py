@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +26,6 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    import signal
 
     from microfl.local.platform import LocalPlatform, detach, local_secret
 
@@ -39,7 +40,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     platform = LocalPlatform(
         local_secret(), kafka_nodes=args.kafka_nodes, gcs=args.gcs, bus=args.bus
     )
-    signal.signal(signal.SIGTERM, _interrupt)  # `microfl down` stops it like Ctrl-C
     try:
         _print_state(platform.start(), time.monotonic() - t0)
         print("press Ctrl-C to stop", flush=True)
@@ -327,9 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so every command stops the processes it started.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
+    except KeyboardInterrupt:
+        print("microfl: interrupted; what it started is stopped", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as exc:  # the script comes with the core package, the rest does not
         print(
             f"microfl: {exc}: the command needs the `local` extra (pip install 'microfl[local]'; "
