@@ -14,6 +14,7 @@ import psutil
 
 from microfl.events import TOPICS
 from microfl.local.kafka import KafkaCluster
+from microfl.local.paperreport import FUNCTIONS
 
 __all__ = ["KafkaMeter", "ProcessMeter", "component_roots"]
 
@@ -100,6 +101,7 @@ def component_roots(runtime: Any, kafka: KafkaCluster, gcs: Any = None) -> dict[
     roots = {
         target: [fn.proc.pid for fn in runner.processes() if fn.proc is not None]
         for target, runner in runtime.services.items()
+        if target in FUNCTIONS  # not the console: the experiment never opens it
     }
     for node in kafka.members:
         alive = node.proc is not None and node.alive
