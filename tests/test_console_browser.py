@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -70,7 +71,9 @@ def shot(driver: webdriver.Chrome, name: str) -> None:
 
 
 def wait_for(driver: webdriver.Chrome, what: str, check: Any, timeout: float = 30) -> None:
-    WebDriverWait(driver, timeout, poll_frequency=0.2).until(
+    # An element found while the page is being replaced goes stale: look again at the next poll.
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=ignored).until(
         lambda d: check(d), message=f"not within {timeout:.0f}s: {what}"
     )
 
