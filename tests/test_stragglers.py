@@ -176,6 +176,34 @@ def test_stragglers_are_chosen_deterministically_and_spread_out() -> None:
     }
 
 
+@pytest.mark.parametrize(("threads", "r", "most"), [(3, 1, 3), (0, 1, 10), (3, None, 10)])
+def test_a_sync_round_trains_at_most_threads_clients_at_once(
+    monkeypatch: pytest.MonkeyPatch, threads: int, r: int | None, most: int
+) -> None:
+    """A thousand users on two cores: a process trains `threads` of its group at a time in a
+    sync round; async members all run (each keeps posting until the job ends)."""
+    import threading
+
+    from microfl.local import demo_clients
+
+    running, seen, full = [0], [0], threading.Condition()
+
+    def step(*_: Any) -> dict[str, Any]:  # waits (at most 5 s) until `most` run at once
+        with full:
+            running[0] += 1
+            seen[0] = max(seen[0], running[0])
+            full.notify_all()
+            full.wait_for(lambda: seen[0] >= most, timeout=5)
+            running[0] -= 1
+        return {}
+
+    monkeypatch.setattr(demo_clients, "_round" if r else "_versions", step)
+    config = DemoConfig(clients=10, processes=1, threads=threads)
+    group = members(config, [f"t{i}" for i in range(10)], range(0), None)[0]
+    assert len(demo_clients.run_clients("url", "job", group, config, r)) == 10
+    assert seen[0] == most
+
+
 def test_plan_gives_both_modes_the_same_number_of_updates() -> None:
     sync, asynchronous = plan(DemoConfig(clients=20, rounds=10, slow_fraction=0.25, slowdown=5))
     assert (sync.mode, sync.rounds, sync.buffer) == ("sync", 10, 0)

@@ -126,10 +126,13 @@ def _init_worker(clients: int, alpha: float, seed: int) -> None:
 def run_clients(
     url: str, job: str, group: list[Member], config: DemoConfig, r: int | None
 ) -> list[dict[str, Any]]:
-    """Each member in a thread of its own: train round r and post (sync), or, with r None,
-    train on the latest version and post until the job has made its versions (async)."""
+    """Each member in a thread of its own: train round r and post (sync; at most
+    config.threads at once when set, so a thousand clients on two cores do not all time out),
+    or, with r None, train on the latest version and post until the job has made its versions
+    (async: every member runs until the end, so none may wait for a thread)."""
     step = _round if r is not None else _versions
-    with ThreadPoolExecutor(len(group)) as threads:
+    bound = config.threads if r is not None and config.threads > 0 else len(group)
+    with ThreadPoolExecutor(min(len(group), bound)) as threads:
         return list(threads.map(lambda m: step(url, job, m, config, r or 0), group))
 
 

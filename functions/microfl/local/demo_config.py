@@ -23,6 +23,7 @@ class DemoConfig:
     prox_mu: float = 0.0
     fan_in: int = 5
     processes: int = 4
+    threads: int = 0  # sync rounds: most clients training at once per process (0: all of them)
     seed: int = 0
     chaos: bool = False
     bus: str = "kafka"

@@ -42,6 +42,7 @@ class PaperConfig:
     down: int = 1  # iterations a killed broker stays down
     epochs: int = 5
     processes: int = 2  # client worker processes
+    threads: int = 32  # users of a process training and posting at once
     fan_in: int = 10
     alpha: float = 0.5
     seed: int = 0
@@ -63,6 +64,7 @@ class PaperConfig:
             epochs=self.epochs,
             fan_in=self.fan_in,
             processes=self.processes,
+            threads=self.threads,
             seed=self.seed,
         )
 
@@ -311,6 +313,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="iterations a killed broker stays down")  # fmt: skip
     p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per iteration")
     p.add_argument("--processes", type=int, default=d.processes, help="client worker processes")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="users of a client process training and posting at once")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", type=Path, default=d.out, help="report folder")
     p.set_defaults(func=cmd_paper)
@@ -323,11 +327,12 @@ def cmd_paper(args: argparse.Namespace) -> int:
         down=args.down,
         epochs=args.epochs,
         processes=args.processes,
+        threads=args.threads,
         seed=args.seed,
         out=args.out,
     )
-    if config.iterations < 1 or min(config.users) < 1 or config.down < 1:
-        raise ValueError("--iterations, --users and --down must be at least 1")
+    if min(config.iterations, *config.users, config.down, config.threads) < 1:
+        raise ValueError("--iterations, --users, --down and --threads must be at least 1")
     results = run_paper(config, say=lambda m: print(m, flush=True))
     from microfl.local.paperreport import failures
 
