@@ -13,6 +13,8 @@ from microfl import handlers
 # An unsafe configuration (weak secret, unchecked Pub/Sub pushes, ...) exits here, before the
 # server starts: the revision never becomes ready and the reason is in the log.
 handlers.check_config(os.environ.get("FUNCTION_TARGET", ""))
+# The aggregate's fold loops are loaded here, so a warm instance's first fold does not wait.
+handlers.warm(os.environ.get("FUNCTION_TARGET", ""))
 
 
 def _streamed(answer: object) -> flask.Response:

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from fl import SECRET as FL_SECRET
 from microfl import buffers, faults, finalize, ingest, versions
 from microfl.buffers import Buffers, grid_base, update_id
-from microfl.errors import ConfigError, MicroFLError, http_error
+from microfl.bus import MemoryBus
+from microfl.errors import BusUnavailable, ConfigError, MicroFLError, http_error
+from microfl.events import PARTIAL_REQUESTED
 from microfl.exactsum import ExactSum
 from microfl.jobs import JobSpec, model_key
 from microfl.local.invariants import check_job
@@ -579,3 +581,30 @@ def test_leaf_folds_before_the_previous_version_exists(monkeypatch: pytest.Monke
         play.step(None)
     assert play.record(2) is not None and play.record(2)["staleness"] == {"c@0": 1, "d@0": 1}  # type: ignore[index]
     check_against_reference(play, 2)
+
+
+def test_a_request_the_bus_refused_is_published_by_the_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finalize's first publish of a leaf request fails (a cold producer's flush timing out):
+    the retried update.accepted requests the leaf again, so version 1 commits from events
+    alone, no ping (before: the retry found the marker, published nothing, and version 1
+    waited for the sweep's resend)."""
+    model = initial_model(8)
+    play = AsyncPlay(model, monkeypatch, buffer=2, rounds=1, fan_in=2, round_timeout=1e9)
+    publish, refused = MemoryBus.publish, []
+
+    def flaky(bus: MemoryBus, events: Any, key: str) -> None:
+        if not refused and events[0].type == PARTIAL_REQUESTED:
+            refused.append(events[0].id)
+            raise BusUnavailable("Kafka at test did not acknowledge 1 event(s): timed out")
+        publish(bus, events, key)
+
+    monkeypatch.setattr(MemoryBus, "publish", flaky)
+    for c in "ab":
+        assert play.upload(c, 0, abody(*trained(model, c, 0), 0))[0] == 202
+    while play.queue:
+        play.step(None)
+    assert refused and play.record(1) is not None  # no play.ping: the sweep never ran
+    assert play.record(1)["included"] == ["a@0", "b@0"]  # type: ignore[index]
+    check_against_reference(play, 1)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -283,6 +285,16 @@ class TestEventBus:
         for job in jobs:
             assert [e for k, e in got if k == job] == sent[job], job
 
+    def test_connecting_first_changes_nothing_of_what_is_stored(self, harness: Harness) -> None:
+        """connect() (an instance's start) may come any number of times before publishing."""
+        job = new_job()
+        harness.bus.connect()
+        harness.bus.connect()
+        harness.bus.publish([events.update_accepted(job, 1, "c")], key=job)
+        assert [e for _, e in harness.stored("microfl.finalize", {job}, 1)] == [
+            events.update_accepted(job, 1, "c")
+        ]
+
     def test_publishing_nothing_is_a_no_op(self, harness: Harness) -> None:
         job = new_job()
         harness.bus.publish([], key=job)
@@ -336,3 +348,40 @@ class TestTransportDown:
             got += [e.data["client"] for _, e in real.stored("microfl.finalize", {job}, 1)]
         # At least once: the frozen attempt may have been stored after all, before the retry.
         assert got[0] == "before" and got[-2:] == ["during", "after"], got
+
+
+def test_an_instance_is_ready_before_its_first_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """handlers.warm, which main.py calls before the server forks its serving process: the
+    aggregate's fold loops are loaded, and the forked process connects its bus at once (before,
+    version 1 of every job waited ~0.5 s per cold producer and ~1.5 s for numba's loops)."""
+    from microfl import foldloops, handlers
+    from microfl.backends import Backends
+    from microfl.store import FileStore
+
+    class Counting(MemoryBus):
+        connected = 0
+
+        def connect(self) -> None:
+            self.connected += 1
+
+    hooks: list[Callable[[], None]] = []
+    monkeypatch.setenv("MICROFL_STORE", FileStore(tmp_path).url)
+    monkeypatch.setattr(os, "register_at_fork", lambda after_in_child: hooks.append(after_in_child))
+    bus = Counting()
+    handlers.set_backends(Backends(FileStore(tmp_path), bus))
+    try:
+        foldloops.kernel.cache_clear()
+        handlers.warm("console")
+        assert not hooks and foldloops.kernel.cache_info().currsize == 0
+        handlers.warm("aggregate")
+        assert foldloops.kernel.cache_info().currsize == 2  # plain and delta float loops
+        assert len(hooks) == 1 and bus.connected == 0  # nothing connected before the fork
+        hooks[0]()  # in the forked serving process
+        for thread in threading.enumerate():
+            if thread.name == "microfl-connect":
+                thread.join(10)
+        assert bus.connected == 1
+    finally:
+        handlers.set_backends(None)

@@ -274,6 +274,20 @@ def test_initial_offset_latest_skips_earlier_records(kafka: Any, make_sink: Any)
     assert [r.body for r in sink.requests] == [b"new-0", b"new-1"]
 
 
+def test_start_returns_once_the_group_has_assigned_the_partitions(
+    kafka: Any, make_sink: Any
+) -> None:
+    """Like a KafkaSource turning ready: a platform's first events wait for no group join."""
+    sink = make_sink()
+    topic = new_topic(kafka.bootstrap, partitions=3)
+    src = source(kafka.bootstrap, topic, sink)
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    with Dispatcher(src):
+        group = admin.describe_consumer_groups([src.group])[src.group].result(timeout=10)
+        assigned = {tp.partition for m in group.members for tp in m.assignment.topic_partitions}
+        assert (group.state.name, assigned) == ("STABLE", {0, 1, 2})
+
+
 def test_durations_and_backoff_follow_knative() -> None:
     assert [parse_duration(d) for d in ("PT0.5S", "PT2M", "PT1H30M", "P1D", "P1DT1S")] == [
         0.5,

@@ -25,6 +25,9 @@ class EventBus(ABC):
     def publish(self, events: Sequence[Event], key: str) -> None:
         """Durably publish events (all acknowledged on return) or raise BusUnavailable."""
 
+    def connect(self) -> None:  # noqa: B027 (optional: most buses have nothing to build)
+        """Build the client now rather than at the first publish (an instance's start)."""
+
 
 class KafkaBus(EventBus):
     """Idempotent producer with acks=all; the producer is built on first use."""
@@ -51,6 +54,12 @@ class KafkaBus(EventBus):
                     }
                 )
             return self._producer
+
+    def connect(self) -> None:
+        """The producer fetches its idempotent producer id in the background (librdkafka
+        retries after 0.5 s when no broker is connected yet): before the first publish, not
+        in it."""
+        self._get()
 
     def publish(self, events: Sequence[Event], key: str) -> None:
         producer = self._get()
@@ -99,6 +108,9 @@ class PubSubBus(EventBus):
                     publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True)
                 )
             return self._publisher
+
+    def connect(self) -> None:
+        self._get()
 
     def publish(self, events: Sequence[Event], key: str) -> None:
         publisher = self._get()

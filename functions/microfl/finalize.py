@@ -16,7 +16,7 @@ from microfl import events, prometheus, shards, versions
 from microfl.backends import Backends
 from microfl.buffers import Buffers
 from microfl.clientmetrics import MetricSums
-from microfl.errors import JobNotFound, PoisonEvent
+from microfl.errors import BusUnavailable, JobNotFound, PoisonEvent
 from microfl.exactsum import ExactSum
 from microfl.faults import failpoint
 from microfl.jobs import JobSpec, check_model, load_job, model_key
@@ -201,7 +201,7 @@ def _request(
     """Publish partial.requested for each node whose marker this call writes: attempt 0 if it
     was never requested; with resend, the next attempt once the last is old enough."""
     latest = rounds.requests(r) if resend else {}
-    wanted = []
+    wanted, marked = [], []
     for level, j in nodes:
         attempt = 0
         if (level, j) in latest:
@@ -213,8 +213,18 @@ def _request(
         if rounds.request(r, level, j, attempt, b.clock()):
             failpoint("finalize.after_request")  # requested, unpublished: the sweep resends
             wanted.append(events.partial_requested(rounds.job, r, level, j, attempt))
-    if wanted:
+            marked.append((level, j, attempt))
+    if not wanted:
+        return
+    try:
         b.bus.publish(wanted, key=rounds.job)
+    except BusUnavailable:
+        # Take the markers back, so that the retry of this event requests the nodes again: a
+        # marker left standing would make the retry publish nothing, and the nodes would wait
+        # for the sweep's resend (a ping period; a cold producer's first publish can time out).
+        for level, j, attempt in marked:
+            rounds.unrequest(r, level, j, attempt)
+        raise
 
 
 def _advance(b: Backends, rounds: Rounds, sealed: Seal | None, resend: bool, r: int = 0) -> None:

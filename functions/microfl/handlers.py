@@ -18,12 +18,20 @@ from microfl import aggregate as aggregate_service
 from microfl import finalize as finalize_service
 from microfl import ingest as ingest_service
 from microfl import logs, prometheus
-from microfl.backends import Backends, backends_from_env, check_env
+from microfl.backends import EVENT_TARGETS, Backends, backends_from_env, check_env
 from microfl.errors import BadRequest, ConfigError, EventTooLarge, Unauthorized, http_error
 from microfl.serde import Event, event_from_http
 from microfl.tokens import bearer, valid_id
 
-__all__ = ["aggregate", "check_config", "finalize", "ingest", "not_found", "set_backends"]
+__all__ = [
+    "aggregate",
+    "check_config",
+    "finalize",
+    "ingest",
+    "not_found",
+    "set_backends",
+    "warm",
+]
 
 LOG = logging.getLogger(__name__)
 MAX_EVENT_BYTES = 64 * 1024  # events are a few hundred bytes; nothing reads more than this
@@ -44,6 +52,29 @@ def check_config(target: str) -> None:
         logs.install()
         LOG.critical("microfl %s refuses to start: configuration error: %s", target, exc)
         raise SystemExit(2) from None
+
+
+def warm(target: str) -> None:
+    """Prepare an instance of `target` before its server starts (main.py): load the aggregate's
+    fold loops here, and have the serving process (gunicorn forks it after this import) build
+    its backends and event bus client in the background at once, not at the first event.
+    Embedded (no MICROFL_STORE: tests inject their backends) there is no instance to prepare."""
+    if not os.environ.get("MICROFL_STORE") or target not in ("ingest", *EVENT_TARGETS):
+        return
+    if target == "aggregate":
+        aggregate_service.warm()
+    os.register_at_fork(after_in_child=_connect_soon)
+
+
+def _connect_soon() -> None:
+    threading.Thread(target=_connect, daemon=True, name="microfl-connect").start()
+
+
+def _connect() -> None:
+    try:
+        _get_backends().bus.connect()
+    except Exception as exc:  # the first request builds them again and answers the error
+        LOG.warning("event bus not connected ahead of the first request: %s", exc)
 
 
 def set_backends(b: Backends | None) -> None:

@@ -422,6 +422,10 @@ class Rounds:
             request_key(self.job, r, level, j, attempt), json_to_bytes({"at": at})
         )
 
+    def unrequest(self, r: int, level: int, j: int, attempt: int) -> None:
+        """Take back a marker whose request was never published (the bus refused it)."""
+        self.store.delete(request_key(self.job, r, level, j, attempt))
+
     def requests(self, r: int) -> dict[tuple[int, int], int]:
         """The latest attempt of every node requested (one listing)."""
         prefix = _requests_prefix(self.job, r)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
 
 MAX_IN_FLIGHT = 16  # records posted at once per consumer (unordered), and worker threads
 MAX_PENDING = 64  # records buffered per partition before it is paused: memory stays bounded
+JOIN_WAIT = 30.0  # seconds start() waits for every member's first assignment
 
 
 @dataclass(eq=False)
@@ -77,6 +79,7 @@ class _Member:
         self.done: queue.Queue[tuple[_Partition, int, bool]] = queue.Queue()
         self.pool = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="microfl-dispatch")
         self.in_flight = 0
+        self.joined = threading.Event()  # the group gave this member its first assignment
 
     def run(self) -> None:
         self.consumer.subscribe(
@@ -191,6 +194,7 @@ class _Member:
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.parts[(tp.topic, tp.partition)] = _Partition(tp.topic, tp.partition)
+        self.joined.set()
 
     def _revoked(
         self, consumer: Consumer, partitions: list[TopicPartition], lost: bool = False
@@ -254,9 +258,13 @@ class Dispatcher:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> Dispatcher:
+        """Start the members and wait (JOIN_WAIT at most) until the group has assigned each its
+        partitions, as a KafkaSource turns ready once its consumers run: the first events of a
+        platform just started then wait for no group join (seconds on a fresh broker)."""
         if self._threads or self._stopping.is_set():
             raise RuntimeError("a Dispatcher starts once; make a new one")
         _init_offsets(self.source)
+        members = []
         for i in range(self.source.consumers):
             member = _Member(self.source, self._deliverer, self._stopping)
             thread = threading.Thread(
@@ -264,6 +272,15 @@ class Dispatcher:
             )
             thread.start()
             self._threads.append(thread)
+            members.append(member)
+        deadline = time.monotonic() + JOIN_WAIT
+        for member in members:
+            if not member.joined.wait(max(0.0, deadline - time.monotonic())):
+                LOG.warning(
+                    f"group {self.source.group}: no partitions assigned within {JOIN_WAIT:g} s; "
+                    "events wait until the group has joined"
+                )
+                break
         return self
 
     def stop(self) -> None:
