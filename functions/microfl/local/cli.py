@@ -26,7 +26,6 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-
     from microfl.local.platform import LocalPlatform, detach, local_secret
 
     t0 = time.monotonic()
